@@ -1,0 +1,30 @@
+# The two commands a new user runs. Each sets up .venv on its own (idempotent; see scripts/setup_venv.sh).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/local_tiny.yaml
+# DeepSpeed on a machine without CUDA needs its CPU accelerator; the JIT cache is kept inside the venv.
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+# Loopback-only local clusters: Ray 2.60 turns token auth on when ~/.ray/auth_token exists.
+export RAY_AUTH_MODE ?= disabled
+export WANDB_MODE ?= disabled
+
+.PHONY: setup demo test lint clean
+
+setup:
+	@bash scripts/setup_venv.sh
+
+demo: setup
+	$(VENV)/bin/omni-ray train $(CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf runs models/tiny-arith .pytest_cache

@@ -1,0 +1,1 @@
+"""Prompt sources: built-in tasks (arith) and, later, HF datasets / jsonl / parquet."""

@@ -1,0 +1,343 @@
+"""Preference pairs from scored samples (step 3 of an online round, methods.md sec. 2 and 4).
+
+Pure Python / numpy: no Ray, no torch.
+
+A round produces N samples per prompt, each with a raw score from the configured scorers. ``build_pairs`` turns
+them into at most one (chosen, rejected) pair per prompt with one of three rules:
+
+- ``best_worst`` (default; the paper's chat recipe and RLHFlow's iterative DPO): chosen = highest score,
+  rejected = lowest score.
+- ``best_random``: chosen = highest score, rejected = uniform among samples scored strictly lower.
+- ``math`` (the paper's math recipe): chosen = best-scored *correct* sample with score > ``good_threshold``;
+  rejected = the lowest-scored correct sample scored below it if any, else the lowest-scored wrong one scored
+  below it.
+
+Nothing is resolved silently by index order: ties for best / worst are broken uniformly at random with the seeded
+``rng`` (and counted), and every prompt that yields no pair is counted under exactly one ``dropped_*`` reason, so
+``prompts == prompts_with_pairs + dropped_single_sample + dropped_all_tied + dropped_no_candidate +
+dropped_identical_text + dropped_min_gap`` always holds. ``dropped_nonfinite_samples`` counts *samples* (NaN / inf
+scores are removed before pairing and the run goes on), not prompts.
+
+Score scales: ``eta`` (Omni-DPO quality weight) and ``tau_good`` / ``good_threshold`` only mean something on a
+known scale. Scorers declare their scale; ``rescale_scores`` maps a declared scale linearly to a fixed target
+range (0-10 by default) and ``rescale_per_round`` min-max normalises one round's scores (methods.md sec. 2:
+"scorers must report scores on a declared scale, and the pipeline can rescale per round").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+__all__ = [
+    "STRATEGIES",
+    "Pair",
+    "PairStats",
+    "Sample",
+    "build_pairs",
+    "rescale_per_round",
+    "rescale_scores",
+]
+
+STRATEGIES: tuple[str, ...] = ("best_worst", "best_random", "math")
+
+
+@dataclass
+class Sample:
+    """One sampled response with its raw score.
+
+    ``score`` is on the scorer's declared scale (rescale before pairing if the strategy needs a fixed scale, e.g.
+    ``math`` with ``good_threshold`` on 0-10). ``correct`` is the verifier's answer check when known (``None``
+    = unknown). ``policy_version`` is the weights version that generated the response.
+    """
+
+    prompt_id: str
+    prompt: str
+    response: str
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    score: float
+    correct: bool | None = None
+    policy_version: int = 0
+
+
+@dataclass
+class Pair:
+    """A (chosen, rejected) preference pair for one prompt.
+
+    ``policy_version`` is the older of the two samples' versions (the most stale policy involved).
+    ``chosen_correct`` / ``rejected_correct`` carry the verifier result of each side when known.
+    """
+
+    prompt_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    chosen: str
+    rejected: str
+    chosen_token_ids: list[int]
+    rejected_token_ids: list[int]
+    score_chosen: float
+    score_rejected: float
+    policy_version: int = 0
+    chosen_correct: bool | None = None
+    rejected_correct: bool | None = None
+
+    @property
+    def gap(self) -> float:
+        """Score gap S_w - S_l (positive for every pair ``build_pairs`` emits)."""
+        return self.score_chosen - self.score_rejected
+
+    def to_record(self) -> dict:
+        """JSON-serialisable dict (one line of ``rounds/round_NNNN/pairs.jsonl``), including ``gap``."""
+        return {
+            "prompt_id": str(self.prompt_id),
+            "prompt": self.prompt,
+            "prompt_token_ids": [int(t) for t in self.prompt_token_ids],
+            "chosen": self.chosen,
+            "rejected": self.rejected,
+            "chosen_token_ids": [int(t) for t in self.chosen_token_ids],
+            "rejected_token_ids": [int(t) for t in self.rejected_token_ids],
+            "score_chosen": float(self.score_chosen),
+            "score_rejected": float(self.score_rejected),
+            "gap": float(self.gap),
+            "policy_version": int(self.policy_version),
+            "chosen_correct": None if self.chosen_correct is None else bool(self.chosen_correct),
+            "rejected_correct": None if self.rejected_correct is None else bool(self.rejected_correct),
+        }
+
+
+@dataclass
+class PairStats:
+    """Counters of one ``build_pairs`` call.
+
+    Per-prompt counters (each prompt lands in exactly one of them or in ``prompts_with_pairs``):
+
+    - ``dropped_single_sample``: fewer than 2 samples with a finite score.
+    - ``dropped_all_tied``: all finite scores of the prompt are equal (the paper's "all samples identical").
+    - ``dropped_no_candidate``: ``math`` rule found no valid chosen or no valid rejected.
+    - ``dropped_identical_text``: chosen and rejected would have the same response text (useless pair).
+    - ``dropped_min_gap``: gap below ``min_gap`` (or not positive).
+
+    Other counters:
+
+    - ``dropped_nonfinite_samples``: samples (not prompts) removed for a NaN / inf score before pairing.
+    - ``tie_broken_randomly``: prompts where chosen and/or rejected was drawn at random among samples tied for the
+      selected score (counted when the draw happens, even if the pair is then dropped for its gap).
+    """
+
+    prompts: int = 0
+    prompts_with_pairs: int = 0
+    pairs: int = 0
+    dropped_single_sample: int = 0
+    dropped_all_tied: int = 0
+    dropped_min_gap: int = 0
+    dropped_nonfinite_samples: int = 0
+    dropped_no_candidate: int = 0
+    dropped_identical_text: int = 0
+    tie_broken_randomly: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+
+
+def _pick_tied(indices: list[int], scores: np.ndarray, target: float, rng: np.random.Generator) -> tuple[int, bool]:
+    """Uniform random choice among ``indices`` whose score equals ``target``; returns (index, was_tie)."""
+    tied = [i for i in indices if scores[i] == target]
+    if len(tied) == 1:
+        return tied[0], False
+    return tied[int(rng.integers(len(tied)))], True
+
+
+def _select_best_worst(
+    group: list[Sample], scores: np.ndarray, rng: np.random.Generator
+) -> tuple[int | None, int | None, bool]:
+    idx = list(range(len(group)))
+    c, tie_c = _pick_tied(idx, scores, float(scores.max()), rng)
+    # Prefer a rejected whose text differs from the chosen one (only matters for stochastic scorers).
+    worst = float(scores.min())
+    candidates = [i for i in idx if scores[i] == worst and group[i].response != group[c].response]
+    if not candidates:
+        return c, None, tie_c
+    r, tie_r = _pick_tied(candidates, scores, worst, rng)
+    return c, r, tie_c or tie_r
+
+
+def _select_best_random(
+    group: list[Sample], scores: np.ndarray, rng: np.random.Generator
+) -> tuple[int | None, int | None, bool]:
+    idx = list(range(len(group)))
+    best = float(scores.max())
+    c, tie_c = _pick_tied(idx, scores, best, rng)
+    candidates = [i for i in idx if scores[i] < best and group[i].response != group[c].response]
+    if not candidates:
+        return c, None, tie_c
+    return c, candidates[int(rng.integers(len(candidates)))], tie_c
+
+
+def _select_math(
+    group: list[Sample], scores: np.ndarray, rng: np.random.Generator, good_threshold: float
+) -> tuple[int | None, int | None, bool]:
+    good = [i for i, s in enumerate(group) if s.correct is True and scores[i] > good_threshold]
+    if not good:
+        return None, None, False
+    c, tie_c = _pick_tied(good, scores, float(max(scores[i] for i in good)), rng)
+    sc = float(scores[c])
+    text = group[c].response
+    for want in (True, False):  # lower-scored correct answer first, else a lower-scored wrong one
+        cands = [i for i, s in enumerate(group) if s.correct is want and scores[i] < sc and s.response != text]
+        if cands:
+            r, tie_r = _pick_tied(cands, scores, float(min(scores[i] for i in cands)), rng)
+            return c, r, tie_c or tie_r
+    return c, None, tie_c
+
+
+def build_pairs(
+    samples: Sequence[Sample],
+    *,
+    strategy: str = "best_worst",
+    min_gap: float = 0.0,
+    rng: np.random.Generator | None = None,
+    good_threshold: float = 6.0,
+) -> tuple[list[Pair], PairStats]:
+    """Build at most one preference pair per prompt.
+
+    Args:
+        samples: scored samples of a round, any order; grouped by ``prompt_id`` in order of first appearance, so
+            the output is deterministic for a given input order and ``rng`` seed.
+        strategy: ``best_worst`` | ``best_random`` | ``math`` (see module docstring).
+        min_gap: pairs with ``score_chosen - score_rejected < min_gap`` are dropped (``dropped_min_gap``); pairs
+            with a non-positive gap are never emitted.
+        rng: draws for tie-breaking and ``best_random``; defaults to ``numpy.random.default_rng(0)``.
+        good_threshold: ``math`` only: chosen must be correct with score strictly above this (0-10 scale).
+
+    Samples with a non-finite score are dropped first (``dropped_nonfinite_samples``). A prompt whose finite
+    scores are all equal is dropped as all-tied for every strategy. In ``math`` samples with ``correct=None``
+    (unknown) are never used: neither as chosen nor as the correct or wrong rejected.
+
+    Returns:
+        ``(pairs, stats)``.
+
+    Raises:
+        ValueError: unknown ``strategy`` (the message lists the valid ones) or a negative / non-finite ``min_gap``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown pair strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
+    if not math.isfinite(min_gap) or min_gap < 0:
+        raise ValueError(f"min_gap must be a finite number >= 0, got {min_gap!r}")
+    if rng is None:
+        rng = np.random.default_rng(0)
+
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.prompt_id, []).append(s)
+
+    stats = PairStats(prompts=len(groups))
+    pairs: list[Pair] = []
+    for group_all in groups.values():
+        group = [s for s in group_all if math.isfinite(float(s.score))]
+        stats.dropped_nonfinite_samples += len(group_all) - len(group)
+        if len(group) < 2:
+            stats.dropped_single_sample += 1
+            continue
+        scores = np.array([float(s.score) for s in group], dtype=np.float64)
+        if scores.max() == scores.min():
+            stats.dropped_all_tied += 1
+            continue
+
+        if strategy == "best_worst":
+            c, r, tie = _select_best_worst(group, scores, rng)
+        elif strategy == "best_random":
+            c, r, tie = _select_best_random(group, scores, rng)
+        else:
+            c, r, tie = _select_math(group, scores, rng, good_threshold)
+        stats.tie_broken_randomly += int(tie)
+
+        if c is None or r is None:
+            if strategy == "math":
+                stats.dropped_no_candidate += 1
+            else:  # best != worst, so only identical texts can leave no rejected
+                stats.dropped_identical_text += 1
+            continue
+        gap = float(scores[c] - scores[r])
+        if gap <= 0 or gap < min_gap:
+            stats.dropped_min_gap += 1
+            continue
+
+        sc, sr = group[c], group[r]
+        pairs.append(
+            Pair(
+                prompt_id=sc.prompt_id,
+                prompt=sc.prompt,
+                prompt_token_ids=list(sc.prompt_token_ids),
+                chosen=sc.response,
+                rejected=sr.response,
+                chosen_token_ids=list(sc.response_token_ids),
+                rejected_token_ids=list(sr.response_token_ids),
+                score_chosen=float(sc.score),
+                score_rejected=float(sr.score),
+                policy_version=min(int(sc.policy_version), int(sr.policy_version)),
+                chosen_correct=sc.correct,
+                rejected_correct=sr.correct,
+            )
+        )
+    stats.pairs = stats.prompts_with_pairs = len(pairs)
+    return pairs, stats
+
+
+def rescale_scores(
+    scores: np.ndarray | Sequence[float],
+    *,
+    scale: tuple[float, float],
+    target: tuple[float, float] = (0.0, 10.0),
+) -> np.ndarray:
+    """Map scores linearly from a scorer's declared ``scale`` (lo, hi) to ``target`` (default 0-10).
+
+    Use this when a scorer declares its range (e.g. a verifier on 0-1, a judge on 1-10) so that ``eta``,
+    ``tau_good`` and ``good_threshold`` keep their meaning. The map is affine and NOT clipped: a score outside
+    the declared scale lands outside ``target``. Non-finite scores stay non-finite (NaN stays NaN) and are dropped
+    later by ``build_pairs``. Gaps are multiplied by ``(target_hi - target_lo) / (hi - lo)``.
+
+    Raises:
+        ValueError: if ``scale`` or ``target`` is not a finite (lo, hi) with hi > lo.
+    """
+    lo, hi = _check_range("scale", scale)
+    tlo, thi = _check_range("target", target)
+    x = np.asarray(scores, dtype=np.float64)
+    return tlo + (x - lo) * ((thi - tlo) / (hi - lo))
+
+
+def rescale_per_round(scores: np.ndarray | Sequence[float], target: tuple[float, float] = (0.0, 10.0)) -> np.ndarray:
+    """Min-max normalise one round's scores to ``target`` (default 0-10).
+
+    Min and max are taken over the finite scores only; non-finite entries are returned unchanged. If all finite
+    scores are equal every finite score maps to the midpoint of ``target``. Use this when a scorer has no
+    declared scale (e.g. an unbounded reward model). Note that it makes gaps relative to the round: the same raw
+    gap means a different rescaled gap in another round.
+
+    Raises:
+        ValueError: if ``target`` is not a finite (lo, hi) with hi > lo.
+    """
+    tlo, thi = _check_range("target", target)
+    x = np.array(scores, dtype=np.float64, copy=True)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return x
+    lo, hi = float(x[finite].min()), float(x[finite].max())
+    if hi == lo:
+        x[finite] = 0.5 * (tlo + thi)
+    else:
+        x[finite] = tlo + (x[finite] - lo) * ((thi - tlo) / (hi - lo))
+    return x
+
+
+def _check_range(name: str, rng_: tuple[float, float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in rng_)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a (lo, hi) pair of numbers, got {rng_!r}") from e
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"{name} must be finite with hi > lo, got {rng_!r}")
+    return lo, hi

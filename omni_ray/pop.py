@@ -1,0 +1,328 @@
+"""DPO-PoP (arXiv 2509.22851): preference-over-preference tuples, label noise and Bradley-Terry margins.
+
+Numpy only: no Ray, no torch. See methods.md sec. 3.
+
+A PoP label compares two preference pairs of the round and says which one is the *stronger* preference. Here the
+labels come from the pairs' score gaps (``sample_pop_tuples``, optionally flipped with probability ``label_noise``
+to simulate annotator noise, as in the paper) or from a judge (``tuples_from_labels``). Each label is a
+``PopTuple(strong=s, weak=u)`` of indices into the round's pair list.
+
+The learner turns a tuple into the margin ``m_s = clip(stopgrad(M_target(u)), m_min, m_max)`` for the ``fixed`` /
+``ema`` targets. The ``bt`` target is computed here instead, without the policy: ``fit_bradley_terry`` fits one
+scalar strength per pair from the tuples, and ``bt_margins`` maps strengths to margins in ``[m_min, m_max]``
+(``pop_targets_bt`` does both).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+__all__ = [
+    "POP_STRATEGIES",
+    "PopStats",
+    "PopTuple",
+    "bt_margins",
+    "fit_bradley_terry",
+    "pop_targets_bt",
+    "sample_pop_tuples",
+    "tuples_from_labels",
+]
+
+POP_STRATEGIES: tuple[str, ...] = ("iterative", "random")
+
+
+@dataclass(frozen=True)
+class PopTuple:
+    """One PoP label: pair ``strong`` is labelled the stronger preference, ``weak`` the weaker.
+
+    ``label_flipped`` is True when label noise swapped the gap-implied order (then ``strong`` has the smaller gap).
+    """
+
+    strong: int
+    weak: int
+    label_flipped: bool = False
+
+
+@dataclass
+class PopStats:
+    """Counters of one ``sample_pop_tuples`` call.
+
+    - ``tuples``: tuples emitted.
+    - ``no_weaker_partner``: ``iterative`` only: pairs with no strictly smaller gap (they emit nothing as strong).
+    - ``ties``: ``random`` only: draws of two pairs with equal gaps (skipped, no label).
+    - ``flipped``: tuples whose label was flipped by label noise.
+    - ``partners_with_replacement``: ``iterative`` only: pairs with fewer than ``k`` weaker candidates, whose
+      partners were therefore reused.
+    """
+
+    tuples: int = 0
+    no_weaker_partner: int = 0
+    ties: int = 0
+    flipped: int = 0
+    partners_with_replacement: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+
+
+def sample_pop_tuples(
+    gaps: Sequence[float] | np.ndarray,
+    *,
+    strategy: str = "iterative",
+    k: int = 1,
+    label_noise: float = 0.0,
+    rng: np.random.Generator,
+) -> tuple[list[PopTuple], PopStats]:
+    """Sample PoP tuples over a round's pairs, labelled by score gap (methods.md sec. 3).
+
+    Args:
+        gaps: score gap ``S_w - S_l`` of each pair; tuple indices refer to positions in this sequence.
+        strategy:
+            ``iterative``: for every pair ``i`` draw ``k`` partners ``j`` uniformly among the pairs with a strictly
+            smaller gap and emit ``(strong=i, weak=j)``; every pair with a weaker partner is ``strong`` exactly
+            ``k`` times. Partners are drawn without replacement when there are at least ``k`` candidates;
+            otherwise the candidates are reused as evenly as possible (each one ``floor(k/n)`` or ``ceil(k/n)``
+            times, a random permutation per cycle) and the pair is counted in ``partners_with_replacement``.
+            Pairs with the minimum gap have no weaker partner: they emit nothing and are counted in
+            ``no_weaker_partner`` (they still appear as ``weak``).
+            ``random``: draw ``len(gaps) * k`` unordered pairs ``{i, j}`` with ``i != j`` uniformly;
+            ``strong`` is the one with the larger gap, so pairs with large gaps are ``strong`` more often.
+            Draws with equal gaps are skipped and counted in ``ties``.
+        k: comparisons per pair (>= 1).
+        label_noise: probability in ``[0, 1]`` of flipping each label (strong and weak swapped,
+            ``label_flipped=True``), simulating annotator noise. Applied after sampling, independently per tuple.
+        rng: seeded generator; same seed and inputs give the same tuples.
+
+    Returns:
+        ``(tuples, stats)``; ``iterative`` tuples are ordered by ``strong`` index.
+
+    Raises:
+        ValueError: unknown ``strategy`` (lists the valid ones), ``k`` < 1, ``label_noise`` outside ``[0, 1]``, or
+            a non-finite gap.
+    """
+    if strategy not in POP_STRATEGIES:
+        raise ValueError(f"unknown PoP strategy {strategy!r}; valid strategies: {', '.join(POP_STRATEGIES)}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not (isinstance(label_noise, (int, float, np.floating)) and 0.0 <= float(label_noise) <= 1.0):
+        raise ValueError(f"label_noise must be a probability in [0, 1], got {label_noise!r}")
+    g = np.asarray(gaps, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(g)):
+        raise ValueError("gaps must all be finite")
+    k = int(k)
+    n = g.size
+    stats = PopStats()
+    strong: list[int] = []
+    weak: list[int] = []
+
+    if strategy == "iterative":
+        order = np.argsort(g, kind="stable")
+        sorted_g = g[order]
+        n_smaller = np.searchsorted(sorted_g, g, side="left")  # pairs with a strictly smaller gap
+        for i in range(n):
+            m = int(n_smaller[i])
+            if m == 0:
+                stats.no_weaker_partner += 1
+                continue
+            cands = order[:m]
+            if m >= k:
+                picks = cands[rng.choice(m, size=k, replace=False)]
+            else:
+                stats.partners_with_replacement += 1
+                cycles = -(-k // m)
+                picks = np.concatenate([cands[rng.permutation(m)] for _ in range(cycles)])[:k]
+            strong.extend([i] * k)
+            weak.extend(int(j) for j in picks)
+    elif n >= 2:  # random
+        draws = n * k
+        a = rng.integers(0, n, size=draws)
+        b = rng.integers(0, n - 1, size=draws)
+        b = b + (b >= a)  # uniform over j != i
+        tie = g[a] == g[b]
+        stats.ties = int(tie.sum())
+        a, b = a[~tie], b[~tie]
+        a_stronger = g[a] > g[b]
+        strong = np.where(a_stronger, a, b).tolist()
+        weak = np.where(a_stronger, b, a).tolist()
+
+    flips = rng.random(len(strong)) < float(label_noise)
+    tuples = [
+        PopTuple(strong=int(w), weak=int(s), label_flipped=True) if f else PopTuple(strong=int(s), weak=int(w))
+        for s, w, f in zip(strong, weak, flips, strict=True)
+    ]
+    stats.tuples = len(tuples)
+    stats.flipped = int(flips.sum())
+    return tuples, stats
+
+
+def tuples_from_labels(comparisons: Sequence[tuple[int, int, int]]) -> list[PopTuple]:
+    """PoP tuples from external (e.g. judge) labels: ``(i, j, winner)`` with ``winner in {i, j}``, ``i != j``.
+
+    The winner is the pair judged the stronger preference: ``PopTuple(strong=winner, weak=other)``.
+
+    Raises:
+        ValueError: if ``i == j`` or ``winner`` is neither ``i`` nor ``j``.
+    """
+    out: list[PopTuple] = []
+    for i, j, winner in comparisons:
+        i, j, winner = int(i), int(j), int(winner)
+        if i == j:
+            raise ValueError(f"a PoP comparison needs two different pairs, got ({i}, {j}, {winner})")
+        if winner not in (i, j):
+            raise ValueError(f"winner must be one of the compared pairs, got ({i}, {j}, {winner})")
+        out.append(PopTuple(strong=winner, weak=j if winner == i else i))
+    return out
+
+
+def _bt_objective(z: np.ndarray, s: np.ndarray, w: np.ndarray, l2: float) -> float:
+    # Negative penalised log-likelihood: sum log(1 + exp(-(z_s - z_w))) + l2/2 |z|^2.
+    return float(np.logaddexp(0.0, -(z[s] - z[w])).sum() + 0.5 * l2 * float(z @ z))
+
+
+def fit_bradley_terry(
+    n_items: int,
+    tuples: Sequence[PopTuple],
+    *,
+    l2: float = 1e-2,
+    max_iter: int = 200,
+    tol: float = 1e-8,
+) -> np.ndarray:
+    """Penalised maximum-likelihood Bradley-Terry strengths from PoP tuples.
+
+    Model: ``P(i stronger than j) = sigmoid(z_i - z_j)``; maximises ``sum log sigmoid(z_strong - z_weak) -
+    l2/2 * |z|^2``. The L2 term (``l2 > 0`` required) makes the problem strictly concave, so the optimum is
+    unique and finite even when an item never loses (perfectly separable labels, e.g. noiseless gap labels).
+    Solved with Newton's method, the Newton system solved by conjugate gradients on Hessian-vector products
+    (no dense n x n matrix, so rounds with many pairs are fine) and a backtracking line search. Deterministic.
+
+    Items that appear in no tuple get exactly ``z = 0``. The optimum already has mean 0 (the likelihood gradient
+    sums to zero, so ``l2 * sum(z) = 0``); the result is re-centred over the compared items to remove rounding,
+    leaving uncompared items at 0 = the mean. Duplicate tuples count as repeated observations.
+
+    Args:
+        n_items: number of pairs in the round (length of the result).
+        tuples: PoP labels; ``strong`` / ``weak`` must be in ``range(n_items)`` and differ.
+        l2: ridge strength (> 0). Smaller values spread strengths further apart on separable data.
+        max_iter: Newton iterations at most.
+        tol: stop when the gradient's max-norm falls below this.
+
+    Returns:
+        ``z`` of shape ``(n_items,)``, float64.
+    """
+    if n_items < 0:
+        raise ValueError(f"n_items must be >= 0, got {n_items}")
+    if not (math.isfinite(l2) and l2 > 0):
+        raise ValueError(f"l2 must be > 0 (it keeps the fit finite on separable labels), got {l2!r}")
+    z = np.zeros(n_items, dtype=np.float64)
+    if n_items == 0 or len(tuples) == 0:
+        return z
+    s = np.fromiter((t.strong for t in tuples), dtype=np.int64, count=len(tuples))
+    w = np.fromiter((t.weak for t in tuples), dtype=np.int64, count=len(tuples))
+    if s.min() < 0 or w.min() < 0 or s.max() >= n_items or w.max() >= n_items:
+        raise ValueError(f"tuple indices must be in range(n_items={n_items})")
+    if np.any(s == w):
+        raise ValueError("a PoP tuple must compare two different pairs (strong != weak)")
+
+    def grad(z_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = z_[s] - z_[w]
+        p = 0.5 * (1.0 + np.tanh(0.5 * d))  # sigmoid(d), overflow-free
+        r = 1.0 - p
+        g = np.bincount(w, weights=r, minlength=n_items) - np.bincount(s, weights=r, minlength=n_items) + l2 * z_
+        return g, p * r  # gradient of the objective, per-tuple Hessian weights
+
+    def hess_vec(v: np.ndarray, h: np.ndarray) -> np.ndarray:
+        u = h * (v[s] - v[w])
+        return np.bincount(s, weights=u, minlength=n_items) - np.bincount(w, weights=u, minlength=n_items) + l2 * v
+
+    f = _bt_objective(z, s, w, l2)
+    for _ in range(max_iter):
+        g, h = grad(z)
+        gnorm = float(np.abs(g).max())
+        if gnorm < tol:
+            break
+        # Conjugate gradients for H d = -g (H symmetric positive definite), inexact-Newton tolerance.
+        d = np.zeros_like(z)
+        res = -g.copy()
+        p_dir = res.copy()
+        rs = float(res @ res)
+        cg_tol = min(0.5, math.sqrt(float(np.linalg.norm(g)))) * float(np.linalg.norm(g))
+        for _ in range(max(10, n_items)):
+            if math.sqrt(rs) <= cg_tol:
+                break
+            hp = hess_vec(p_dir, h)
+            alpha = rs / float(p_dir @ hp)
+            d += alpha * p_dir
+            res -= alpha * hp
+            rs_new = float(res @ res)
+            p_dir = res + (rs_new / rs) * p_dir
+            rs = rs_new
+        # Backtracking (Armijo) line search; the objective is convex so the full step is usually accepted.
+        slope = float(g @ d)
+        step = 1.0
+        while True:
+            z_new = z + step * d
+            f_new = _bt_objective(z_new, s, w, l2)
+            if f_new <= f + 1e-4 * step * slope or step < 1e-10:
+                break
+            step *= 0.5
+        if f - f_new <= 0 and step < 1e-10:
+            break
+        z, f = z_new, f_new
+
+    compared = np.zeros(n_items, dtype=bool)
+    compared[s] = True
+    compared[w] = True
+    z[compared] -= z[compared].mean()
+    z[~compared] = 0.0
+    return z
+
+
+def bt_margins(z: np.ndarray | Sequence[float], *, m_min: float, m_max: float) -> np.ndarray:
+    """Map Bradley-Terry strengths to margins in ``[m_min, m_max]`` (the inferred mapping of methods.md sec. 3).
+
+    Affine min-max map over the given items: the weakest pair gets ``m_min``, the strongest ``m_max``, order is
+    preserved (monotone non-decreasing). If all strengths are equal (or there is one item) every margin is the
+    midpoint ``(m_min + m_max) / 2``. ``m_min`` / ``m_max`` are in the units of the loss's log-prob convention
+    (e.g. [0, 10] for summed log-probs at beta 0.1 as in the paper).
+
+    Raises:
+        ValueError: if the bounds are not finite or ``m_min > m_max``.
+    """
+    if not (math.isfinite(m_min) and math.isfinite(m_max) and m_min <= m_max):
+        raise ValueError(f"need finite m_min <= m_max, got m_min={m_min!r}, m_max={m_max!r}")
+    x = np.asarray(z, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        return x.copy()
+    lo, hi = float(x.min()), float(x.max())
+    if not hi > lo:
+        return np.full_like(x, 0.5 * (m_min + m_max))
+    return np.clip(m_min + (x - lo) * ((m_max - m_min) / (hi - lo)), m_min, m_max)
+
+
+def pop_targets_bt(
+    gaps: Sequence[float] | np.ndarray,
+    *,
+    strategy: str = "iterative",
+    k: int = 1,
+    label_noise: float = 0.0,
+    rng: np.random.Generator,
+    m_min: float,
+    m_max: float,
+    l2: float = 1e-2,
+) -> tuple[np.ndarray, list[PopTuple], PopStats]:
+    """``bt`` PoP target: sample gap-labelled tuples, fit Bradley-Terry, map strengths to margins.
+
+    In BT mode each pair's margin comes from its own fitted strength: ``margins[i] = bt_margins(z)[i]`` (not from
+    a weak partner, unlike the ``fixed`` / ``ema`` targets). Pairs in no tuple get ``z = 0`` (the mean strength).
+
+    Returns:
+        ``(margins, tuples, stats)`` with ``margins`` of shape ``(len(gaps),)``.
+    """
+    tuples, stats = sample_pop_tuples(gaps, strategy=strategy, k=k, label_noise=label_noise, rng=rng)
+    n = int(np.asarray(gaps).reshape(-1).size)
+    z = fit_bradley_terry(n, tuples, l2=l2)
+    return bt_margins(z, m_min=m_min, m_max=m_max), tuples, stats

@@ -1,0 +1,178 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from omni_ray.pairs import Pair, PairStats, Sample, build_pairs, rescale_per_round, rescale_scores
+
+
+def _s(pid: str, resp: str, score: float, correct: bool | None = None, version: int = 0) -> Sample:
+    return Sample(
+        prompt_id=pid,
+        prompt=f"prompt {pid}",
+        response=resp,
+        prompt_token_ids=[1, 2],
+        response_token_ids=[ord(c) for c in resp],
+        score=score,
+        correct=correct,
+        policy_version=version,
+    )
+
+
+def _check_accounting(stats: PairStats) -> None:
+    assert stats.prompts == (
+        stats.prompts_with_pairs
+        + stats.dropped_single_sample
+        + stats.dropped_all_tied
+        + stats.dropped_no_candidate
+        + stats.dropped_identical_text
+        + stats.dropped_min_gap
+    )
+
+
+def test_best_worst_picks_max_and_min_score():
+    samples = [_s("p", "a", 3.0), _s("p", "b", 9.0), _s("p", "c", 1.0), _s("p", "d", 5.0)]
+    pairs, stats = build_pairs(samples)
+    assert len(pairs) == 1 and stats.pairs == 1 and stats.prompts_with_pairs == 1
+    p = pairs[0]
+    assert (p.chosen, p.rejected, p.score_chosen, p.score_rejected, p.gap) == ("b", "c", 9.0, 1.0, 8.0)
+    assert p.chosen_token_ids == [ord("b")] and p.rejected_token_ids == [ord("c")]
+    assert stats.tie_broken_randomly == 0
+
+
+def test_prompts_keep_first_appearance_order():
+    samples = [_s("z", "a", 1.0), _s("a", "x", 1.0), _s("z", "b", 2.0), _s("a", "y", 0.0)]
+    pairs, _ = build_pairs(samples)
+    assert [p.prompt_id for p in pairs] == ["z", "a"]
+
+
+def test_all_tied_prompts_are_dropped_and_counted():
+    samples = [_s("p", "a", 4.0), _s("p", "b", 4.0), _s("q", "a", 1.0), _s("q", "b", 2.0), _s("r", "x", 7.0)]
+    pairs, stats = build_pairs(samples)
+    assert [p.prompt_id for p in pairs] == ["q"]
+    assert stats.dropped_all_tied == 1 and stats.dropped_single_sample == 1 and stats.prompts == 3
+    _check_accounting(stats)
+
+
+def test_min_gap_drops_and_counts_small_gaps():
+    samples = [_s("p", "a", 1.0), _s("p", "b", 1.5), _s("q", "a", 1.0), _s("q", "b", 4.0)]
+    pairs, stats = build_pairs(samples, min_gap=1.0)
+    assert [p.prompt_id for p in pairs] == ["q"]
+    assert stats.dropped_min_gap == 1
+    _check_accounting(stats)
+
+
+def test_nonfinite_scores_are_dropped_and_counted_and_the_run_goes_on():
+    samples = [
+        _s("p", "a", float("nan")),
+        _s("p", "b", 2.0),
+        _s("p", "c", float("inf")),
+        _s("p", "d", 5.0),
+        _s("q", "a", float("-inf")),
+        _s("q", "b", 1.0),
+    ]
+    pairs, stats = build_pairs(samples)
+    assert len(pairs) == 1 and (pairs[0].chosen, pairs[0].rejected) == ("d", "b")
+    assert stats.dropped_nonfinite_samples == 3
+    assert stats.dropped_single_sample == 1  # q has one finite sample left
+    _check_accounting(stats)
+
+
+def test_ties_for_best_are_broken_by_seeded_rng_not_index():
+    samples = [_s("p", "first", 9.0), _s("p", "second", 9.0), _s("p", "low", 1.0)]
+    chosen = set()
+    for seed in range(20):
+        pairs, stats = build_pairs(samples, rng=np.random.default_rng(seed))
+        chosen.add(pairs[0].chosen)
+        assert stats.tie_broken_randomly == 1
+    assert chosen == {"first", "second"}
+    # same seed -> same choice
+    a = build_pairs(samples, rng=np.random.default_rng(5))[0][0].chosen
+    b = build_pairs(samples, rng=np.random.default_rng(5))[0][0].chosen
+    assert a == b
+
+
+def test_identical_chosen_and_rejected_text_is_dropped_and_counted():
+    # a stochastic scorer gave the same text two different scores
+    samples = [_s("p", "same", 9.0), _s("p", "same", 1.0)]
+    pairs, stats = build_pairs(samples)
+    assert pairs == [] and stats.dropped_identical_text == 1
+    # a distinct-text rejected among the tied worst is preferred
+    samples = [_s("q", "same", 9.0), _s("q", "same", 1.0), _s("q", "other", 1.0)]
+    pairs, _ = build_pairs(samples)
+    assert pairs[0].rejected == "other"
+
+
+def test_best_random_rejects_only_strictly_lower_scores():
+    samples = [_s("p", "a", 9.0), _s("p", "b", 2.0), _s("p", "c", 5.0), _s("p", "d", 9.0)]
+    rejected = set()
+    for seed in range(30):
+        pairs, _ = build_pairs(samples, strategy="best_random", rng=np.random.default_rng(seed))
+        assert pairs[0].score_chosen == 9.0
+        rejected.add(pairs[0].rejected)
+    assert rejected == {"b", "c"}
+
+
+def test_math_rule_prefers_lower_scored_correct_rejected():
+    samples = [
+        _s("p", "good", 8.5, correct=True),
+        _s("p", "ok", 4.0, correct=True),
+        _s("p", "meh", 6.5, correct=True),
+        _s("p", "wrong", 1.0, correct=False),
+    ]
+    pairs, stats = build_pairs(samples, strategy="math")
+    assert (pairs[0].chosen, pairs[0].rejected) == ("good", "ok")
+    assert pairs[0].chosen_correct is True and pairs[0].rejected_correct is True
+    assert stats.dropped_no_candidate == 0
+
+
+def test_math_rule_falls_back_to_lower_scored_wrong_answer():
+    samples = [
+        _s("p", "good", 8.0, correct=True),
+        _s("p", "wrong_hi", 9.5, correct=False),
+        _s("p", "wrong_mid", 5.0, correct=False),
+        _s("p", "wrong_lo", 2.0, correct=False),
+    ]
+    pairs, _ = build_pairs(samples, strategy="math")
+    assert (pairs[0].chosen, pairs[0].rejected) == ("good", "wrong_lo")
+    assert pairs[0].rejected_correct is False
+
+
+def test_math_rule_without_valid_chosen_or_rejected_is_dropped_no_candidate():
+    no_correct = [_s("a", "x", 9.0, correct=False), _s("a", "y", 3.0, correct=False)]
+    below_threshold = [_s("b", "x", 6.0, correct=True), _s("b", "y", 3.0, correct=False)]
+    nothing_lower = [_s("c", "x", 9.0, correct=True), _s("c", "y", 9.5, correct=False)]
+    unknown = [_s("d", "x", 9.0, correct=True), _s("d", "y", 3.0, correct=None)]
+    pairs, stats = build_pairs(no_correct + below_threshold + nothing_lower + unknown, strategy="math")
+    assert pairs == [] and stats.dropped_no_candidate == 4
+    _check_accounting(stats)
+
+
+def test_unknown_strategy_raises_naming_valid_ones():
+    with pytest.raises(ValueError, match="best_worst.*best_random.*math"):
+        build_pairs([_s("p", "a", 1.0)], strategy="nope")
+
+
+def test_pair_record_is_json_serialisable():
+    pairs, stats = build_pairs([_s("p", "a", np.float32(2.0), version=3), _s("p", "b", 7.0, version=2)])
+    rec = json.loads(json.dumps(pairs[0].to_record()))
+    for key in ("prompt_id", "chosen", "rejected", "score_chosen", "score_rejected"):
+        assert key in rec
+    assert rec["gap"] == 5.0 and rec["policy_version"] == 2
+    assert isinstance(pairs[0], Pair)
+    assert json.dumps(stats.as_dict())
+
+
+def test_rescale_maps_declared_scale_to_zero_ten():
+    out = rescale_scores(np.array([0.0, 0.5, 1.0, np.nan]), scale=(0.0, 1.0))
+    assert out[:3].tolist() == [0.0, 5.0, 10.0] and math.isnan(out[3])
+    assert rescale_scores([1.0, 10.0], scale=(1.0, 10.0), target=(0.0, 1.0)).tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="scale"):
+        rescale_scores([1.0], scale=(1.0, 1.0))
+
+
+def test_rescale_per_round_min_max_and_constant_midpoint():
+    out = rescale_per_round(np.array([-3.0, 1.0, 5.0, np.inf]))
+    assert out[:3].tolist() == [0.0, 5.0, 10.0] and out[3] == np.inf
+    assert rescale_per_round([2.0, 2.0]).tolist() == [5.0, 5.0]
