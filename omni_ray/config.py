@@ -124,7 +124,8 @@ class PairsConfig:
 
 @dataclass
 class PopConfig:
-    enabled: bool = _f(True)
+    """PoP margins (arXiv 2509.22851); used when loss.name is pop or omni_pop."""
+
     target: str = _f("ema", choices=("ema", "fixed", "bt"), help="where the weak pair's margin comes from")
     strategy: str = _f("iterative", choices=("iterative", "random"))
     k: int = _f(1, ge=1, help="PoP comparisons per pair")
@@ -324,8 +325,8 @@ def validate(cfg: OmniRayConfig) -> None:
             f"learner.batch_size ({cfg.learner.batch_size}) must divide by learner.num_workers "
             f"({cfg.learner.num_workers}): every rank takes an equal share of a step"
         )
-    if cfg.loss.name in ("pop", "omni_pop") and not cfg.pop.enabled:
-        raise ConfigError(f"loss.name={cfg.loss.name} needs pop.enabled=true")
+    if cfg.loss.name == "cdpo" and cfg.loss.label_smoothing <= 0:
+        raise ConfigError("loss.name=cdpo needs loss.label_smoothing > 0 (the cDPO epsilon)")
 
 
 def to_yaml(cfg: OmniRayConfig) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "POP_STRATEGIES",
+    "PopEstimator",
     "PopStats",
     "PopTuple",
     "bt_margins",
@@ -326,3 +327,28 @@ def pop_targets_bt(
     n = int(np.asarray(gaps).reshape(-1).size)
     z = fit_bradley_terry(n, tuples, l2=l2)
     return bt_margins(z, m_min=m_min, m_max=m_max), tuples, stats
+
+
+class PopEstimator:
+    """The PoP margin-estimator role: turns a round's pair gaps into training items (plain class; a Ray actor).
+
+    Each item is ``(strong, weak, margin)``: the strong pair trains, against the weak partner's margin. For the
+    ``ema`` / ``fixed`` targets the learner computes that margin from the model (``margin`` is NaN here); for ``bt``
+    it is the weak pair's Bradley-Terry margin, so every target means the same thing: *s must beat u's margin*.
+    """
+
+    def __init__(self, *, target: str, strategy: str, k: int, label_noise: float, m_min: float, m_max: float,
+                 seed: int):  # fmt: skip
+        self.target, self.strategy, self.k, self.label_noise = target, strategy, k, label_noise
+        self.m_min, self.m_max, self.seed = m_min, m_max, seed
+
+    def training_items(self, gaps: Sequence[float], round_index: int) -> tuple[list[tuple[int, int, float]], dict]:
+        rng = np.random.default_rng([self.seed, 13, round_index])
+        kw = dict(strategy=self.strategy, k=self.k, label_noise=self.label_noise, rng=rng)
+        if self.target == "bt":
+            margins, tuples, stats = pop_targets_bt(gaps, m_min=self.m_min, m_max=self.m_max, **kw)
+            items = [(t.strong, t.weak, float(margins[t.weak])) for t in tuples]
+        else:
+            tuples, stats = sample_pop_tuples(gaps, **kw)
+            items = [(t.strong, t.weak, math.nan) for t in tuples]
+        return items, stats.as_dict()

@@ -1,0 +1,305 @@
+"""The driver: a single controller that runs the round loop and holds no model (verl's single-controller style).
+
+    prompts -> generate (rollout workers) -> score (scoring actor) -> pairs -> PoP items (estimator actor)
+            -> train (learner group) -> sync weights (learner -> rollout) -> eval -> checkpoint
+
+Every role is a Ray actor wrapping a plain class; every remote wait has a timeout that raises. Outputs go to
+`runs/<run_name>/` in the stable layout of docs (config.yaml, metrics.jsonl, summary.json, checkpoints/, rounds/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from omni_ray.config import OmniRayConfig, to_yaml
+from omni_ray.data.arith import ArithTask, Prompt
+from omni_ray.learner.group import LearnerGroup
+from omni_ray.learner.objective import POP_LOSSES
+from omni_ray.learner.worker import RoundData, TrainPair
+from omni_ray.pairs import Pair, Sample, build_pairs
+from omni_ray.pop import PopEstimator
+from omni_ray.rollout.worker import RolloutWorker
+from omni_ray.scoring import ScoringService
+from omni_ray.tracking import Tracker
+from omni_ray.weight_sync import push_weights
+
+
+def init_ray(cfg: OmniRayConfig) -> None:
+    """Join the cluster of a `ray job submit` job (RAY_ADDRESS is set) or `ray.address`; else start a local one.
+
+    Resources are declared only when starting a local cluster: an entrypoint that passes them to an existing
+    cluster fails under `ray job submit`.
+    """
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, log_to_driver=True)
+
+
+def actor_env() -> dict[str, str]:
+    """Environment every role's actor needs, passed explicitly (actors do not inherit the driver's env on a cluster)."""
+    keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+            "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")  # fmt: skip
+    env = {k: os.environ[k] for k in keys if k in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def ensure_model(cfg: OmniRayConfig) -> str:
+    """The policy dir; built by make-tiny (deterministic from the seed) when missing and allowed."""
+    path = Path(cfg.model.path)
+    if (path / "config.json").is_file():
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise FileNotFoundError(f"model.path={path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+        return str(path)
+    if not cfg.model.build_tiny_if_missing:
+        raise FileNotFoundError(f"model.path={path} is not a model dir (no config.json) and build_tiny_if_missing "
+                                "is false")  # fmt: skip
+    from omni_ray.models.tiny import make_tiny
+
+    print(f"[omni-ray] building the tiny model at {path} (seed {cfg.run.seed}) ...", flush=True)
+    t = cfg.model.tiny
+    make_tiny(path, seed=cfg.run.seed, max_operand=cfg.data.max_operand, eval_prompts=cfg.data.eval_prompts,
+              hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+              intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+              sft_steps=t.sft_steps, sft_lr=t.sft_lr, sft_batch_size=t.sft_batch_size)  # fmt: skip
+    return str(path)
+
+
+class Driver:
+    def __init__(self, cfg: OmniRayConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.model_path = ensure_model(cfg)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.task = ArithTask(max_operand=cfg.data.max_operand, seed=cfg.run.seed, eval_size=cfg.data.eval_prompts)
+        self.eval_set = self.task.eval_prompts()
+        self.tracker = Tracker(self.run_dir, cfg.logging, asdict(cfg), cfg.run.name)
+        self.timings: dict[str, float] = {}
+        self.policy_version = 0
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # roles
+
+    def start_roles(self) -> None:
+        cfg, env = self.cfg, actor_env()
+        rc = cfg.rollout
+        rollout_cls = ray.remote(RolloutWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
+                                                        runtime_env={"env_vars": env})  # fmt: skip
+        self.rollout = [
+            rollout_cls.remote(self.model_path, backend=rc.backend, seed=cfg.run.seed + i, dtype=cfg.model.dtype,
+                               max_model_len=cfg.model.tiny.max_position_embeddings,
+                               trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+            for i in range(rc.num_workers)
+        ]
+        self.scorer = (
+            ray.remote(ScoringService)
+            .options(num_cpus=cfg.scoring.num_cpus, runtime_env={"env_vars": env})
+            .remote(ScoringService.from_config(cfg.scoring))
+        )
+        self.uses_pop = cfg.loss.name in POP_LOSSES
+        p = cfg.pop
+        self.pop = (
+            ray.remote(PopEstimator)
+            .options(num_cpus=p.num_cpus)
+            .remote(target=p.target, strategy=p.strategy, k=p.k, label_noise=p.label_noise, m_min=p.m_min,
+                    m_max=p.m_max, seed=cfg.run.seed)  # fmt: skip
+            if self.uses_pop
+            else None
+        )
+        self.learner = LearnerGroup(cfg, self.model_path, env)
+        info = ray.get([w.ready.remote() for w in self.rollout], timeout=rc.timeout_s)
+        self.rollout_backend = info[0]["backend"]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # stages
+
+    def _generate(self, prompts: list[Prompt], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
+        """Prompts split over the rollout workers; per prompt, n completions (token ids kept)."""
+        ids = [self._prompt_ids(p) for p in prompts]
+        shards = np.array_split(np.arange(len(prompts)), len(self.rollout))
+        rc = self.cfg.rollout
+        refs = [
+            w.generate.remote([ids[i] for i in shard], n=n, temperature=temperature, top_p=rc.top_p,
+                              max_new_tokens=rc.max_new_tokens, seed=seed + j)  # fmt: skip
+            for j, (w, shard) in enumerate(zip(self.rollout, shards))
+        ]
+        out: list[list[Any]] = []
+        for part in ray.get(refs, timeout=rc.timeout_s):
+            out += part
+        return out
+
+    def _prompt_ids(self, p: Prompt) -> list[int]:
+        return [self.tokenizer.bos_token_id] + self.tokenizer.encode(p.text, add_special_tokens=False)
+
+    def _score(self, prompts: list[str], responses: list[str]):
+        return ray.get(self.scorer.score.remote(prompts, responses), timeout=self.cfg.scoring.timeout_s)
+
+    def evaluate(self) -> dict:
+        """Greedy accuracy on the fixed held-out prompts."""
+        t0 = time.perf_counter()
+        comps = self._generate(self.eval_set, n=1, temperature=0.0, seed=0)
+        res = self._score([p.text for p in self.eval_set], [c[0].text for c in comps])
+        acc = float(np.mean(res.correct)) if res.correct is not None else math.nan
+        return {"accuracy": acc, "reward_mean": float(np.nanmean(res.raw_scores)), "prompts": len(self.eval_set),
+                "time_eval": time.perf_counter() - t0}  # fmt: skip
+
+    def run_round(self, r: int) -> dict:
+        cfg = self.cfg
+        row: dict[str, Any] = {"round": r + 1}
+        t_round = time.perf_counter()
+        prompts = self.task.train_prompts(r, cfg.data.prompts_per_round)
+
+        t0 = time.perf_counter()
+        comps = self._generate(prompts, n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
+                               seed=cfg.run.seed * 1_000_003 + r * 1009)  # fmt: skip
+        row["time_generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        flat = [(p, c) for p, cs in zip(prompts, comps) for c in cs]
+        res = self._score([p.text for p, _ in flat], [c.text for _, c in flat])
+        row["time_score"] = time.perf_counter() - t0
+        samples = [
+            Sample(prompt_id=p.prompt_id, prompt=p.text, response=c.text, prompt_token_ids=self._prompt_ids(p),
+                   response_token_ids=list(c.token_ids), score=float(s),
+                   correct=None if res.correct is None else bool(ok), policy_version=self.policy_version)
+            for (p, c), s, ok in zip(flat, res.scores, res.correct if res.correct is not None else [None] * len(flat))
+        ]  # fmt: skip
+        rng = np.random.default_rng([cfg.run.seed, 17, r])
+        pairs, pstats = build_pairs(samples, strategy=cfg.pairs.strategy, min_gap=cfg.pairs.min_gap, rng=rng,
+                                    good_threshold=cfg.pairs.good_threshold)  # fmt: skip
+        finite = res.raw_scores[np.isfinite(res.raw_scores)]
+        row.update(reward_mean=float(finite.mean()) if finite.size else math.nan, samples=len(samples),
+                   sample_accuracy=float(np.mean(res.correct)) if res.correct is not None else math.nan,
+                   pairs_kept=pstats.pairs, pairs_dropped=pstats.prompts - pstats.prompts_with_pairs,
+                   nonfinite_scores=res.nonfinite, **{f"pairs_{k}": v for k, v in pstats.as_dict().items()})  # fmt: skip
+        if cfg.run.dump_rollouts:
+            self._write_jsonl(r, "samples.jsonl", (asdict(s) for s in samples))
+
+        t0 = time.perf_counter()
+        if self.pop is not None and pairs:
+            items, pop_stats = ray.get(self.pop.training_items.remote([p.gap for p in pairs], r), timeout=120)
+            row.update({f"pop_{k}": v for k, v in pop_stats.items()})
+        else:
+            items = [(i, -1, math.nan) for i in range(len(pairs))]
+        row["time_pop"] = time.perf_counter() - t0
+
+        if not items:
+            print(f"[omni-ray] round {r + 1}: no usable pairs ({pstats.as_dict()}); training skipped", flush=True)
+            row.update(skipped=True, time_train=0.0, time_sync=0.0)
+            self._write_pairs(r, pairs, {})
+        else:
+            t0 = time.perf_counter()
+            result = self.learner.train_round(RoundData(pairs=[_train_pair(p) for p in pairs], items=items,
+                                                        round_index=r))  # fmt: skip
+            row["time_train"] = time.perf_counter() - t0
+            for step in result["steps"]:
+                self.tracker.log("step", {"round": r + 1, **{k: v for k, v in step.items() if k != "w_perf_values"}})
+            row.update(_round_means(result["steps"]))
+            row.update({f"busy_{k}": v for k, v in result["busy"].items()})
+            self._write_pairs(r, pairs, result.get("pair_margins", {}))
+
+            t0 = time.perf_counter()
+            self.policy_version += 1
+            push_weights(self.rollout, self.learner.export_weights(), version=self.policy_version,
+                         timeout_s=cfg.sync.timeout_s, strategy=cfg.sync.strategy,
+                         spill_dir=str(self.run_dir / "weights"))  # fmt: skip
+            row["time_sync"] = time.perf_counter() - t0
+
+        ev = self.evaluate()
+        row.update(eval_accuracy=ev["accuracy"], eval_reward_mean=ev["reward_mean"], time_eval=ev["time_eval"])
+        if cfg.run.save_checkpoints:
+            t0 = time.perf_counter()
+            ckpt = self.run_dir / "checkpoints" / f"round_{r + 1:04d}"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            self.learner.save_pretrained(str(ckpt))
+            (ckpt / "driver_state.json").write_text(json.dumps({"round": r + 1, "policy_version": self.policy_version,
+                                                                 "seed": cfg.run.seed}))  # fmt: skip
+            row["time_checkpoint"] = time.perf_counter() - t0
+        row["time_round"] = time.perf_counter() - t_round
+        return row
+
+    def _write_jsonl(self, r: int, name: str, records) -> None:
+        d = self.run_dir / "rounds" / f"round_{r + 1:04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        with (d / name).open("w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+
+    def _write_pairs(self, r: int, pairs: list[Pair], margins: dict[int, float]) -> None:
+        self._write_jsonl(r, "pairs.jsonl", ({**p.to_record(), "margin": margins.get(i)} for i, p in enumerate(pairs)))
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.start_roles()
+        startup = time.perf_counter() - t0
+        print(f"[omni-ray] roles up in {startup:.1f}s: {cfg.rollout.num_workers} rollout ({self.rollout_backend}), "
+              f"scorer, {'PoP estimator, ' if self.pop else ''}{cfg.learner.num_workers} learner ranks "
+              f"(ZeRO-{cfg.learner.zero_stage})", flush=True)  # fmt: skip
+        initial = self.evaluate()
+        self.tracker.log("eval", {"round": 0, **initial})
+        self.tracker.round_row({"round": 0, "eval_accuracy": initial["accuracy"], "time_eval": initial["time_eval"]})
+        rows = []
+        for r in range(cfg.run.rounds):
+            row = self.run_round(r)
+            rows.append(row)
+            self.tracker.log("round", row)
+            self.tracker.round_row(row)
+        stage_keys = [k for k in rows[0] if k.startswith("time_")] if rows else []
+        summary = {
+            "run_name": cfg.run.name,
+            "rounds_completed": len(rows),
+            "initial_eval": initial,
+            "final_eval": {"accuracy": rows[-1]["eval_accuracy"], "reward_mean": rows[-1]["eval_reward_mean"]}
+            if rows
+            else initial,
+            "wall_s": time.perf_counter() - t_start,
+            "startup_s": startup,
+            "stage_time_s": {k[5:]: float(sum(r.get(k, 0.0) for r in rows)) for k in stage_keys},
+            "rollout_backend": self.rollout_backend,
+            "loss": cfg.loss.name,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.tracker.log("summary", summary)
+        return summary
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+def _train_pair(p: Pair) -> TrainPair:
+    return TrainPair(p.prompt_token_ids, p.chosen_token_ids, p.rejected_token_ids, p.score_chosen, p.score_rejected)
+
+
+def _round_means(steps: list[dict]) -> dict:
+    keys = ("loss", "w_qual", "w_perf", "margin", "accuracy", "grad_norm", "nll_mask")
+    return {k: float(np.mean([s[k] for s in steps])) for k in keys if steps and k in steps[0]}
+
+
+def train(cfg: OmniRayConfig) -> dict:
+    init_ray(cfg)
+    driver = Driver(cfg)
+    try:
+        return driver.run()
+    finally:
+        driver.close()

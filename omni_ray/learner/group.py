@@ -1,0 +1,61 @@
+"""The learner group: N `LearnerWorker` ranks as Ray actors, called by the driver as if they were one object.
+
+Rank 0 is started first and reports its node address and a free port; the other ranks join its process group
+(as OpenRLHF's and verl's actor groups do). Every call fans out to all ranks (collectives need everyone) and
+returns rank 0's answer; every wait has a timeout that raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from omni_ray.config import OmniRayConfig
+from omni_ray.learner.worker import LearnerWorker, RoundData
+
+
+class LearnerGroupError(RuntimeError):
+    """A learner rank failed or timed out; the run stops (a lost rank cannot be replaced mid-collective)."""
+
+
+class LearnerGroup:
+    def __init__(self, cfg: OmniRayConfig, model_path: str, env: dict[str, str] | None = None):
+        lc = cfg.learner
+        self.cfg = cfg
+        self.timeout_s = lc.timeout_s
+        options: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        actor_cls = ray.remote(LearnerWorker).options(**options)
+        self.workers = [actor_cls.remote(cfg, model_path, rank, lc.num_workers) for rank in range(lc.num_workers)]
+        # Rank 0's node hosts the rendezvous, wherever Ray placed it.
+        master_addr, master_port = ray.get(self.workers[0].node_address.remote(), timeout=self.timeout_s)
+        self._all("init_process_group", master_addr, master_port)
+
+    def _all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        try:
+            return ray.get(refs, timeout=timeout or self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise LearnerGroupError(f"learner.{method} did not finish within {timeout or self.timeout_s:.0f} s "
+                                    "(learner.timeout_s)") from None  # fmt: skip
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerGroupError(f"a learner rank died during {method}: {exc}") from exc
+
+    def train_round(self, data: RoundData) -> dict:
+        ref = ray.put(data)  # one object-store copy shared by all ranks
+        return self._all("train_round", ref)[0]
+
+    def export_weights(self) -> bytes:
+        return self._all("export_weights")[0]
+
+    def save_pretrained(self, path: str) -> str:
+        return self._all("save_pretrained", path)[0]
+
+    def parameter_checksums(self) -> list[float]:
+        return self._all("parameter_checksum")
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

@@ -1,0 +1,270 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omni_ray.config import ScorerSpec, ScoringConfig
+from omni_ray.scoring import (
+    ArithVerifier,
+    RewardModelScorer,
+    Scorer,
+    ScoreResult,
+    ScoringService,
+    WeightedScorer,
+    build_scorer,
+)
+
+
+class FixedScorer(Scorer):
+    """Returns preset scores (optionally with correctness), to test combination and service logic."""
+
+    def __init__(self, scores, scale, correct=None, name="fixed"):
+        self._scores = np.asarray(scores, dtype=float)
+        self._correct = correct
+        self.scale = scale
+        self.name = name
+
+    def score(self, prompts, responses):
+        return ScoreResult(scores=self._scores.copy(), correct=self._correct, scale=self.scale)
+
+
+PROMPTS = ["1+2=", "10+5=", "7+7="]
+RESPONSES = ["3", "25", "x"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verifier
+
+
+def test_verifier_exact_off_by_ten_and_unparseable():
+    res = ArithVerifier().score(PROMPTS, RESPONSES)
+    np.testing.assert_allclose(res.scores, [10.0, 10.0 * math.exp(-1.0), 0.0])
+    assert res.correct.tolist() == [True, False, False]
+    assert res.scale == (0.0, 10.0) and ArithVerifier().scale == (0.0, 10.0)
+
+
+def test_verifier_refuses_prompt_without_ground_truth():
+    with pytest.raises(ValueError, match="prompt 1"):
+        ArithVerifier().score(["1+2=", "hello"], ["3", "4"])
+
+
+def test_misaligned_prompts_and_responses_raise():
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        ScoringService([ScorerSpec()]).score(["1+2=", "2+2="], ["3"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# weighted combination and build_scorer
+
+
+def test_weighted_maps_each_declared_scale_to_target_then_averages():
+    a = FixedScorer([0.0, 0.5, 1.0], (0.0, 1.0), name="a")  # -> 0, 5, 10 on 0-10
+    b = FixedScorer([5.0, 0.0, -5.0], (-5.0, 5.0), correct=[True, False, True], name="b")  # -> 10, 5, 0
+    w = WeightedScorer([a, b], [3.0, 1.0], target=(0.0, 10.0))
+    res = w.score(PROMPTS, RESPONSES)
+    np.testing.assert_allclose(res.scores, [2.5, 5.0, 7.5])
+    assert w.scale == (0.0, 10.0) and res.scale == (0.0, 10.0)
+    assert res.correct.tolist() == [True, False, True]  # the first member that reports correctness
+    assert "a*3" in w.name and "b*1" in w.name
+
+
+def test_weighted_propagates_nan_and_rejects_bad_weights():
+    a = FixedScorer([1.0, np.nan, 3.0], (0.0, 10.0))
+    res = WeightedScorer([a, ArithVerifier()], [1.0, 1.0]).score(PROMPTS, RESPONSES)
+    assert np.isnan(res.scores[1]) and np.isfinite(res.scores[[0, 2]]).all()
+    assert res.correct.tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="weights"):
+        WeightedScorer([a], [0.0])
+    with pytest.raises(ValueError, match="1 scorers but 2 weights"):
+        WeightedScorer([a], [1.0, 1.0])
+
+
+def test_build_scorer_single_several_and_wrong_verifier_scale():
+    assert isinstance(build_scorer([ScorerSpec()]), ArithVerifier)
+    both = build_scorer([ScorerSpec(weight=1.0), {"type": "arith_verifier", "weight": 3.0}])
+    assert isinstance(both, WeightedScorer) and both.scale == (0.0, 10.0)
+    np.testing.assert_allclose(both.score(PROMPTS, RESPONSES).scores, ArithVerifier().score(PROMPTS, RESPONSES).scores)
+    with pytest.raises(ValueError, match=r"scorers\[0\].*arith_verifier"):
+        build_scorer([ScorerSpec(scale_low=0.0, scale_high=1.0)])
+    with pytest.raises(ValueError, match="empty"):
+        build_scorer([])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reward model on a tiny offline Llama
+
+
+def _save_reward_model(
+    out: Path, *, vocab_size: int | None = None, num_labels: int = 1, causal: bool = False, pad: bool = True
+) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from omni_ray.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()  # saved with left padding: the scorer must pad right regardless
+    if not pad:
+        tok.pad_token = None
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM if causal else LlamaForSequenceClassification)(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny matmuls are 10x slower with several OpenMP threads on a busy 2-core machine; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory) -> Path:
+    return _save_reward_model(tmp_path_factory.mktemp("rm"))
+
+
+def test_reward_model_scores_are_finite_aligned_and_deterministic(rm_dir):
+    prompts = ["1+2=", "10+5=", "7+7=", "99+99=", "3+4="]
+    responses = ["3", "25", "14", "198", ""]
+    rm = RewardModelScorer(rm_dir, batch_size=2, scale=(-1.0, 1.0))
+    a = rm.score(prompts, responses)
+    assert a.scores.shape == (5,) and np.isfinite(a.scores).all() and a.correct is None
+    assert rm.scale == (-1.0, 1.0) and rm.tokenizer.padding_side == "right"
+    np.testing.assert_array_equal(a.scores, rm.score(prompts, responses).scores)
+    # Padding and batching do not change a score: each sequence alone gives the same value, order is kept.
+    alone = RewardModelScorer(rm_dir, batch_size=1)
+    np.testing.assert_allclose(alone.score(prompts, responses).scores, a.scores, atol=1e-5)
+    np.testing.assert_allclose(rm.score(prompts[::-1], responses[::-1]).scores, a.scores[::-1], atol=1e-5)
+    assert len(a.scores) == len(set(np.round(a.scores, 6)))  # different texts, different scores
+
+
+def test_reward_model_through_service_and_weighted_with_verifier(rm_dir):
+    specs = [
+        ScorerSpec(type="arith_verifier", weight=1.0),
+        ScorerSpec(type="reward_model", weight=1.0, path=str(rm_dir), scale_low=-1.0, scale_high=1.0),
+    ]
+    svc = ScoringService(specs, "declared", 0.0, 1.0)
+    res = svc.score(PROMPTS, RESPONSES)
+    assert isinstance(svc.scorer, WeightedScorer) and res.scale == (0.0, 1.0) and res.raw_scale == (0.0, 10.0)
+    assert np.isfinite(res.scores).all() and res.correct.tolist() == [True, False, False]
+
+
+def test_reward_model_dir_without_tokenizer_raises_naming_dir(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=18,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm_no_tok")
+    with pytest.raises(ValueError, match="rm_no_tok.*no tokenizer"):
+        RewardModelScorer(tmp_path / "rm_no_tok")
+    with pytest.raises(ValueError, match="missing_dir"):
+        RewardModelScorer(tmp_path / "missing_dir")
+
+
+def test_reward_model_tokenizer_larger_than_model_vocab_raises(tmp_path):
+    d = _save_reward_model(tmp_path / "small_vocab", vocab_size=10)  # tokenizer has 18 ids
+    with pytest.raises(ValueError, match=r"small_vocab.*mismatch.*18 tokens.*vocab_size=10"):
+        RewardModelScorer(d)
+
+
+def test_reward_model_must_be_one_label_sequence_classifier(tmp_path):
+    with pytest.raises(ValueError, match="causal.*not a sequence-classification"):
+        RewardModelScorer(_save_reward_model(tmp_path / "causal", causal=True))
+    with pytest.raises(ValueError, match="two_labels.*num_labels=2"):
+        RewardModelScorer(_save_reward_model(tmp_path / "two_labels", num_labels=2))
+
+
+def test_reward_model_without_pad_token_pads_with_eos(tmp_path):
+    rm = RewardModelScorer(_save_reward_model(tmp_path / "nopad", pad=False), batch_size=3)
+    eos = rm.tokenizer.eos_token_id
+    assert rm.tokenizer.pad_token_id == eos and rm.model.config.pad_token_id == eos
+    batched = rm.score(PROMPTS, RESPONSES).scores
+    alone = RewardModelScorer(tmp_path / "nopad", batch_size=1).score(PROMPTS, RESPONSES).scores
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the service: counts, non-finite accounting, rescale modes
+
+
+def test_service_wrong_count_raises_with_counts():
+    svc = ScoringService(FixedScorer([1.0, 2.0], (0.0, 10.0), name="short"))
+    with pytest.raises(ValueError, match=r"'short'.*\(2,\) for 3 responses.*exactly 3"):
+        svc.score(PROMPTS, RESPONSES)
+    svc = ScoringService(FixedScorer([1.0, 2.0, 3.0], (0.0, 10.0), correct=[True]))
+    with pytest.raises(ValueError, match="1 correctness flags for 3"):
+        svc.score(PROMPTS, RESPONSES)
+
+
+def test_service_passes_nan_and_inf_through_and_counts_them():
+    svc = ScoringService(FixedScorer([np.nan, 5.0, np.inf], (0.0, 10.0)), "declared", 0.0, 1.0)
+    res = svc.score(PROMPTS, RESPONSES)
+    assert res.nonfinite == 2
+    assert np.isnan(res.scores[0]) and res.scores[1] == pytest.approx(0.5) and np.isposinf(res.scores[2])
+    assert np.isnan(res.raw_scores[0]) and res.raw_scores[1] == 5.0
+    m = res.metrics()
+    assert m["score/nonfinite"] == 2 and m["score/mean"] == pytest.approx(0.5) and m["score/raw_mean"] == 5.0
+
+
+def test_service_per_round_maps_min_to_low_and_max_to_high():
+    raw = [3.0, -2.0, 8.0, np.nan, 0.5]
+    svc = ScoringService(FixedScorer(raw, (-100.0, 100.0)), "per_round", 1.0, 5.0)
+    res = svc.score(["1+1="] * 5, ["2"] * 5)
+    np.testing.assert_allclose(res.scores[[1, 2, 0]], [1.0, 5.0, 1.0 + 4.0 * 5.0 / 10.0])
+    assert np.isnan(res.scores[3]) and res.nonfinite == 1 and res.scale == (1.0, 5.0)
+    np.testing.assert_array_equal(res.raw_scores[[0, 1, 2, 4]], [3.0, -2.0, 8.0, 0.5])
+
+
+def test_service_declared_and_none_modes_keep_raw_scores():
+    declared = ScoringService([ScorerSpec()], "declared", 0.0, 1.0).score(PROMPTS, RESPONSES)
+    np.testing.assert_allclose(declared.scores, [1.0, math.exp(-1.0), 0.0])
+    np.testing.assert_allclose(declared.raw_scores, [10.0, 10.0 * math.exp(-1.0), 0.0])
+    assert declared.scale == (0.0, 1.0) and declared.raw_scale == (0.0, 10.0) and declared.busy_s >= 0.0
+    none = ScoringService(FixedScorer([-3.0, 0.0, 3.0], (-5.0, 5.0)), "none", 0.0, 1.0)
+    res = none.score(PROMPTS, RESPONSES)
+    np.testing.assert_array_equal(res.scores, res.raw_scores)
+    assert res.scale == (-5.0, 5.0) and none.scale == (-5.0, 5.0) and res.correct is None
+    with pytest.raises(ValueError, match="unknown rescale"):
+        ScoringService([ScorerSpec()], "zscore")
+
+
+def test_service_from_config_defaults():
+    svc = ScoringService.from_config(ScoringConfig())
+    assert isinstance(svc.scorer, ArithVerifier)
+    assert svc.info() == {
+        "scorer": "arith_verifier",
+        "declared_scale": [0.0, 10.0],
+        "rescale": "declared",
+        "scale": [0.0, 10.0],
+    }
+    res = svc.score(PROMPTS, RESPONSES)
+    assert res.metrics()["score/accuracy"] == pytest.approx(1 / 3)
