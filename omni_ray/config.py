@@ -151,7 +151,9 @@ class LossConfig:
     margin_source: str = _f("fixed", choices=("fixed", "score_gap"), help="margin_dpo margin: fixed or S_w - S_l")
     odpo_alpha: float = _f(1.0, gt=0)
     detach_perf_weight: bool = _f(False)
-    length_normalize: str = _f("auto", choices=("auto", "true", "false"), help="auto: per-loss paper convention")
+    logprobs: str = _f(
+        "auto", choices=("auto", "sum", "mean"), help="sequence log-prob L(y) or l(y)=L(y)/|y|; auto: the paper's"
+    )
 
 
 @dataclass
@@ -278,8 +280,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def _check_rules(value: Any, meta: dict, key: str) -> None:
-    rules = {"gt": (lambda v, r: v > r, ">"), "ge": (lambda v, r: v >= r, ">="),
-             "lt": (lambda v, r: v < r, "<"), "le": (lambda v, r: v <= r, "<=")}  # fmt: skip
+    rules = {
+        "gt": (lambda v, r: v > r, ">"),
+        "ge": (lambda v, r: v >= r, ">="),
+        "lt": (lambda v, r: v < r, "<"),
+        "le": (lambda v, r: v <= r, "<="),
+    }
     for name, (ok, sym) in rules.items():
         if name in meta and not ok(value, meta[name]):
             raise ConfigError(f"config key '{key}' = {value!r} must be {sym} {meta[name]}")

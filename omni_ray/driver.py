@@ -50,8 +50,16 @@ def init_ray(cfg: OmniRayConfig) -> None:
 
 def actor_env() -> dict[str, str]:
     """Environment every role's actor needs, passed explicitly (actors do not inherit the driver's env on a cluster)."""
-    keys = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
-            "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "WANDB_MODE")  # fmt: skip
+    keys = (
+        "DS_ACCELERATOR",
+        "TORCH_EXTENSIONS_DIR",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "VLLM_CPU_OMP_THREADS_BIND",
+        "OMP_NUM_THREADS",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "WANDB_MODE",
+    )
     env = {k: os.environ[k] for k in keys if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
@@ -65,16 +73,28 @@ def ensure_model(cfg: OmniRayConfig) -> str:
             raise FileNotFoundError(f"model.path={path} has no tokenizer (tokenizer.json / tokenizer_config.json)")
         return str(path)
     if not cfg.model.build_tiny_if_missing:
-        raise FileNotFoundError(f"model.path={path} is not a model dir (no config.json) and build_tiny_if_missing "
-                                "is false")  # fmt: skip
+        raise FileNotFoundError(
+            f"model.path={path} is not a model dir (no config.json) and build_tiny_if_missing is false"
+        )
     from omni_ray.models.tiny import make_tiny
 
     print(f"[omni-ray] building the tiny model at {path} (seed {cfg.run.seed}) ...", flush=True)
     t = cfg.model.tiny
-    make_tiny(path, seed=cfg.run.seed, max_operand=cfg.data.max_operand, eval_prompts=cfg.data.eval_prompts,
-              hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-              intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
-              sft_steps=t.sft_steps, sft_lr=t.sft_lr, sft_batch_size=t.sft_batch_size)  # fmt: skip
+    make_tiny(
+        path,
+        seed=cfg.run.seed,
+        max_operand=cfg.data.max_operand,
+        eval_prompts=cfg.data.eval_prompts,
+        hidden_size=t.hidden_size,
+        num_layers=t.num_layers,
+        num_heads=t.num_heads,
+        num_kv_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        sft_steps=t.sft_steps,
+        sft_lr=t.sft_lr,
+        sft_batch_size=t.sft_batch_size,
+    )
     return str(path)
 
 
@@ -100,26 +120,39 @@ class Driver:
     def start_roles(self) -> None:
         cfg, env = self.cfg, actor_env()
         rc = cfg.rollout
-        rollout_cls = ray.remote(RolloutWorker).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus,
-                                                        runtime_env={"env_vars": env})  # fmt: skip
+        rollout_cls = ray.remote(RolloutWorker).options(
+            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, runtime_env={"env_vars": env}
+        )
         self.rollout = [
-            rollout_cls.remote(self.model_path, backend=rc.backend, seed=cfg.run.seed + i, dtype=cfg.model.dtype,
-                               max_model_len=cfg.model.tiny.max_position_embeddings,
-                               trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+            rollout_cls.remote(
+                self.model_path,
+                backend=rc.backend,
+                seed=cfg.run.seed + i,
+                dtype=cfg.model.dtype,
+                max_model_len=cfg.model.tiny.max_position_embeddings,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
             for i in range(rc.num_workers)
         ]
         self.scorer = (
             ray.remote(ScoringService)
             .options(num_cpus=cfg.scoring.num_cpus, runtime_env={"env_vars": env})
-            .remote(ScoringService.from_config(cfg.scoring))
+            .remote(list(cfg.scoring.scorers), cfg.scoring.rescale, cfg.scoring.rescale_low, cfg.scoring.rescale_high)
         )
         self.uses_pop = cfg.loss.name in POP_LOSSES
         p = cfg.pop
         self.pop = (
             ray.remote(PopEstimator)
             .options(num_cpus=p.num_cpus)
-            .remote(target=p.target, strategy=p.strategy, k=p.k, label_noise=p.label_noise, m_min=p.m_min,
-                    m_max=p.m_max, seed=cfg.run.seed)  # fmt: skip
+            .remote(
+                target=p.target,
+                strategy=p.strategy,
+                k=p.k,
+                label_noise=p.label_noise,
+                m_min=p.m_min,
+                m_max=p.m_max,
+                seed=cfg.run.seed,
+            )
             if self.uses_pop
             else None
         )
@@ -136,8 +169,14 @@ class Driver:
         shards = np.array_split(np.arange(len(prompts)), len(self.rollout))
         rc = self.cfg.rollout
         refs = [
-            w.generate.remote([ids[i] for i in shard], n=n, temperature=temperature, top_p=rc.top_p,
-                              max_new_tokens=rc.max_new_tokens, seed=seed + j)  # fmt: skip
+            w.generate.remote(
+                [ids[i] for i in shard],
+                n=n,
+                temperature=temperature,
+                top_p=rc.top_p,
+                max_new_tokens=rc.max_new_tokens,
+                seed=seed + j,
+            )
             for j, (w, shard) in enumerate(zip(self.rollout, shards))
         ]
         out: list[list[Any]] = []
@@ -157,8 +196,12 @@ class Driver:
         comps = self._generate(self.eval_set, n=1, temperature=0.0, seed=0)
         res = self._score([p.text for p in self.eval_set], [c[0].text for c in comps])
         acc = float(np.mean(res.correct)) if res.correct is not None else math.nan
-        return {"accuracy": acc, "reward_mean": float(np.nanmean(res.raw_scores)), "prompts": len(self.eval_set),
-                "time_eval": time.perf_counter() - t0}  # fmt: skip
+        return {
+            "accuracy": acc,
+            "reward_mean": float(np.nanmean(res.raw_scores)),
+            "prompts": len(self.eval_set),
+            "time_eval": time.perf_counter() - t0,
+        }
 
     def run_round(self, r: int) -> dict:
         cfg = self.cfg
@@ -167,8 +210,12 @@ class Driver:
         prompts = self.task.train_prompts(r, cfg.data.prompts_per_round)
 
         t0 = time.perf_counter()
-        comps = self._generate(prompts, n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
-                               seed=cfg.run.seed * 1_000_003 + r * 1009)  # fmt: skip
+        comps = self._generate(
+            prompts,
+            n=cfg.rollout.samples_per_prompt,
+            temperature=cfg.rollout.temperature,
+            seed=cfg.run.seed * 1_000_003 + r * 1009,
+        )
         row["time_generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -176,19 +223,36 @@ class Driver:
         res = self._score([p.text for p, _ in flat], [c.text for _, c in flat])
         row["time_score"] = time.perf_counter() - t0
         samples = [
-            Sample(prompt_id=p.prompt_id, prompt=p.text, response=c.text, prompt_token_ids=self._prompt_ids(p),
-                   response_token_ids=list(c.token_ids), score=float(s),
-                   correct=None if res.correct is None else bool(ok), policy_version=self.policy_version)
+            Sample(
+                prompt_id=p.prompt_id,
+                prompt=p.text,
+                response=c.text,
+                prompt_token_ids=self._prompt_ids(p),
+                response_token_ids=list(c.token_ids),
+                score=float(s),
+                correct=None if res.correct is None else bool(ok),
+                policy_version=self.policy_version,
+            )
             for (p, c), s, ok in zip(flat, res.scores, res.correct if res.correct is not None else [None] * len(flat))
-        ]  # fmt: skip
+        ]
         rng = np.random.default_rng([cfg.run.seed, 17, r])
-        pairs, pstats = build_pairs(samples, strategy=cfg.pairs.strategy, min_gap=cfg.pairs.min_gap, rng=rng,
-                                    good_threshold=cfg.pairs.good_threshold)  # fmt: skip
+        pairs, pstats = build_pairs(
+            samples,
+            strategy=cfg.pairs.strategy,
+            min_gap=cfg.pairs.min_gap,
+            rng=rng,
+            good_threshold=cfg.pairs.good_threshold,
+        )
         finite = res.raw_scores[np.isfinite(res.raw_scores)]
-        row.update(reward_mean=float(finite.mean()) if finite.size else math.nan, samples=len(samples),
-                   sample_accuracy=float(np.mean(res.correct)) if res.correct is not None else math.nan,
-                   pairs_kept=pstats.pairs, pairs_dropped=pstats.prompts - pstats.prompts_with_pairs,
-                   nonfinite_scores=res.nonfinite, **{f"pairs_{k}": v for k, v in pstats.as_dict().items()})  # fmt: skip
+        row.update(
+            reward_mean=float(finite.mean()) if finite.size else math.nan,
+            samples=len(samples),
+            sample_accuracy=float(np.mean(res.correct)) if res.correct is not None else math.nan,
+            pairs_kept=pstats.pairs,
+            pairs_dropped=pstats.prompts - pstats.prompts_with_pairs,
+            nonfinite_scores=res.nonfinite,
+            **{f"pairs_{k}": v for k, v in pstats.as_dict().items()},
+        )
         if cfg.run.dump_rollouts:
             self._write_jsonl(r, "samples.jsonl", (asdict(s) for s in samples))
 
@@ -206,8 +270,9 @@ class Driver:
             self._write_pairs(r, pairs, {})
         else:
             t0 = time.perf_counter()
-            result = self.learner.train_round(RoundData(pairs=[_train_pair(p) for p in pairs], items=items,
-                                                        round_index=r))  # fmt: skip
+            result = self.learner.train_round(
+                RoundData(pairs=[_train_pair(p) for p in pairs], items=items, round_index=r)
+            )
             row["time_train"] = time.perf_counter() - t0
             for step in result["steps"]:
                 self.tracker.log("step", {"round": r + 1, **{k: v for k, v in step.items() if k != "w_perf_values"}})
@@ -217,9 +282,14 @@ class Driver:
 
             t0 = time.perf_counter()
             self.policy_version += 1
-            push_weights(self.rollout, self.learner.export_weights(), version=self.policy_version,
-                         timeout_s=cfg.sync.timeout_s, strategy=cfg.sync.strategy,
-                         spill_dir=str(self.run_dir / "weights"))  # fmt: skip
+            push_weights(
+                self.rollout,
+                self.learner.export_weights_ref(),
+                version=self.policy_version,
+                timeout_s=cfg.sync.timeout_s,
+                strategy=cfg.sync.strategy,
+                disk_dir=str(self.run_dir / "weights"),
+            )
             row["time_sync"] = time.perf_counter() - t0
 
         ev = self.evaluate()
@@ -229,8 +299,9 @@ class Driver:
             ckpt = self.run_dir / "checkpoints" / f"round_{r + 1:04d}"
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             self.learner.save_pretrained(str(ckpt))
-            (ckpt / "driver_state.json").write_text(json.dumps({"round": r + 1, "policy_version": self.policy_version,
-                                                                 "seed": cfg.run.seed}))  # fmt: skip
+            (ckpt / "driver_state.json").write_text(
+                json.dumps({"round": r + 1, "policy_version": self.policy_version, "seed": cfg.run.seed})
+            )
             row["time_checkpoint"] = time.perf_counter() - t0
         row["time_round"] = time.perf_counter() - t_round
         return row
@@ -253,9 +324,12 @@ class Driver:
         t0 = time.perf_counter()
         self.start_roles()
         startup = time.perf_counter() - t0
-        print(f"[omni-ray] roles up in {startup:.1f}s: {cfg.rollout.num_workers} rollout ({self.rollout_backend}), "
-              f"scorer, {'PoP estimator, ' if self.pop else ''}{cfg.learner.num_workers} learner ranks "
-              f"(ZeRO-{cfg.learner.zero_stage})", flush=True)  # fmt: skip
+        print(
+            f"[omni-ray] roles up in {startup:.1f}s: {cfg.rollout.num_workers} rollout ({self.rollout_backend}), "
+            f"scorer, {'PoP estimator, ' if self.pop else ''}{cfg.learner.num_workers} learner ranks "
+            f"(ZeRO-{cfg.learner.zero_stage})",
+            flush=True,
+        )
         initial = self.evaluate()
         self.tracker.log("eval", {"round": 0, **initial})
         self.tracker.round_row({"round": 0, "eval_accuracy": initial["accuracy"], "time_eval": initial["time_eval"]})
@@ -284,6 +358,12 @@ class Driver:
         return summary
 
     def close(self) -> None:
+        """Stop every role's actors (a driver inside a long-lived cluster must not leak them) and the sinks."""
+        for actor in [*getattr(self, "rollout", []), getattr(self, "scorer", None), getattr(self, "pop", None)]:
+            if actor is not None:
+                ray.kill(actor)
+        if getattr(self, "learner", None) is not None:
+            self.learner.shutdown()
         self.tracker.close()
 
 

@@ -337,8 +337,9 @@ class PopEstimator:
     it is the weak pair's Bradley-Terry margin, so every target means the same thing: *s must beat u's margin*.
     """
 
-    def __init__(self, *, target: str, strategy: str, k: int, label_noise: float, m_min: float, m_max: float,
-                 seed: int):  # fmt: skip
+    def __init__(
+        self, *, target: str, strategy: str, k: int, label_noise: float, m_min: float, m_max: float, seed: int
+    ):
         self.target, self.strategy, self.k, self.label_noise = target, strategy, k, label_noise
         self.m_min, self.m_max, self.seed = m_min, m_max, seed
 

@@ -47,9 +47,15 @@ class Tracker:
         if cfg.wandb.mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=run_name,
-                                    mode=cfg.wandb.mode, tags=list(cfg.wandb.tags), config=config_dict,
-                                    dir=str(run_dir))  # fmt: skip
+            self.wandb = wandb.init(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.entity or None,
+                name=run_name,
+                mode=cfg.wandb.mode,
+                tags=list(cfg.wandb.tags),
+                config=config_dict,
+                dir=str(run_dir),
+            )
 
     def log(self, kind: str, record: dict) -> None:
         line = {"kind": kind, **record}

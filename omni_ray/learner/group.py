@@ -38,8 +38,9 @@ class LearnerGroup:
         try:
             return ray.get(refs, timeout=timeout or self.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise LearnerGroupError(f"learner.{method} did not finish within {timeout or self.timeout_s:.0f} s "
-                                    "(learner.timeout_s)") from None  # fmt: skip
+            raise LearnerGroupError(
+                f"learner.{method} did not finish within {timeout or self.timeout_s:.0f} s (learner.timeout_s)"
+            ) from None
         except ray.exceptions.RayActorError as exc:
             raise LearnerGroupError(f"a learner rank died during {method}: {exc}") from exc
 
@@ -49,6 +50,14 @@ class LearnerGroup:
 
     def export_weights(self) -> bytes:
         return self._all("export_weights")[0]
+
+    def export_weights_ref(self) -> ray.ObjectRef:
+        """Rank 0's safetensors bytes as an object-store reference: the driver forwards it without a copy."""
+        refs = [w.export_weights.remote() for w in self.workers]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise LearnerGroupError(f"learner.export_weights did not finish within {self.timeout_s:.0f} s")
+        return refs[0]
 
     def save_pretrained(self, path: str) -> str:
         return self._all("save_pretrained", path)[0]

@@ -45,8 +45,8 @@ class Objective:
         self.name = loss.name
         self.uses_pop = loss.name in POP_LOSSES
         self.uses_reference = loss.name != "simpo"
-        mode = loss.length_normalize
-        self.length_normalised = loss.name in _LENGTH_NORMALISED if mode == "auto" else mode == "true"
+        mode = loss.logprobs
+        self.length_normalised = loss.name in _LENGTH_NORMALISED if mode == "auto" else mode == "mean"
 
     def convention(self, summed: Tensor, lengths: Tensor) -> Tensor:
         """Summed log-probs -> the loss's convention."""
@@ -64,9 +64,16 @@ class Objective:
                 margin = (b.score_chosen - b.score_rejected) if c.margin_source == "score_gap" else c.margin
             elif self.name == "odpo":
                 margin = odpo_margin(b.score_chosen, b.score_rejected, alpha=c.odpo_alpha)
-            return dpo_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, beta=c.beta,
-                            margin=margin, label_smoothing=c.label_smoothing,
-                            loss_type="ipo" if self.name == "ipo" else "sigmoid")  # fmt: skip
+            return dpo_loss(
+                b.policy_chosen,
+                b.policy_rejected,
+                b.ref_chosen,
+                b.ref_rejected,
+                beta=c.beta,
+                margin=margin,
+                label_smoothing=c.label_smoothing,
+                loss_type="ipo" if self.name == "ipo" else "sigmoid",
+            )
         if self.name == "simpo":
             return simpo_loss(b.policy_chosen, b.policy_rejected, beta=c.beta, gamma=c.simpo_gamma)
         if self.name == "pop":
@@ -76,9 +83,22 @@ class Objective:
         if self.name == "omni_pop":
             # The PoP margin m_s is in implicit-margin units; omni_dpo_loss subtracts margins after the beta product.
             margin = c.beta * torch.clamp(_required(b.target_margin).detach(), p.m_min, p.m_max)
-        return omni_dpo_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, b.score_chosen,
-                             b.score_rejected, beta=c.beta, eta=c.eta, gamma=c.gamma, tau_ref=c.tau_ref, lam=c.lam,
-                             tau_good=c.tau_good, margin=margin, detach_perf_weight=c.detach_perf_weight)  # fmt: skip
+        return omni_dpo_loss(
+            b.policy_chosen,
+            b.policy_rejected,
+            b.ref_chosen,
+            b.ref_rejected,
+            b.score_chosen,
+            b.score_rejected,
+            beta=c.beta,
+            eta=c.eta,
+            gamma=c.gamma,
+            tau_ref=c.tau_ref,
+            lam=c.lam,
+            tau_good=c.tau_good,
+            margin=margin,
+            detach_perf_weight=c.detach_perf_weight,
+        )
 
 
 def _required(target: Tensor | None) -> Tensor:

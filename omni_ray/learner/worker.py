@@ -51,8 +51,14 @@ class RoundData:
 
 
 def _dist_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
 
 
 class LearnerWorker:
@@ -90,8 +96,11 @@ class LearnerWorker:
         # Reference and EMA target are frozen full copies on each rank (they never take gradients). For models too
         # large to replicate they would be ZeRO-3 inference engines; the interface stays the same.
         self.reference = _frozen(copy.deepcopy(policy)).to(self.device) if self.objective.uses_reference else None
-        self.ema = (_frozen(copy.deepcopy(policy)).to(self.device)
-                    if self.objective.uses_pop and cfg.pop.target == "ema" else None)  # fmt: skip
+        self.ema = (
+            _frozen(copy.deepcopy(policy)).to(self.device)
+            if self.objective.uses_pop and cfg.pop.target == "ema"
+            else None
+        )
         opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=policy, optimizer=opt, lr_scheduler=_scheduler(opt, cfg), config=_ds_config(cfg, self.world_size)
@@ -190,11 +199,14 @@ class LearnerWorker:
         conv = self.objective.convention
         pairs = [data.pairs[i] for i in strong]
         batch = BatchLogps(
-            policy_chosen=conv(pc, lc), policy_rejected=conv(pr, lr), ref_chosen=rc, ref_rejected=rr,
+            policy_chosen=conv(pc, lc),
+            policy_rejected=conv(pr, lr),
+            ref_chosen=rc,
+            ref_rejected=rr,
             score_chosen=torch.tensor([p.score_chosen for p in pairs], device=self.device),
             score_rejected=torch.tensor([p.score_rejected for p in pairs], device=self.device),
             target_margin=target,
-        )  # fmt: skip
+        )
         out = self.objective(batch)
         self.engine.backward(out.loss)
         self.engine.step()
@@ -212,8 +224,12 @@ class LearnerWorker:
         means = (vec[:-1] / vec[-1]).tolist()
         metrics = dict(zip(names, means))
         grad_norm = self.engine.get_global_grad_norm()
-        metrics.update(step=self.global_step, lr=self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.learner.lr,
-                       grad_norm=float(grad_norm) if grad_norm is not None else math.nan, pairs=int(vec[-1]))  # fmt: skip
+        metrics.update(
+            step=self.global_step,
+            lr=self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.learner.lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            pairs=int(vec[-1]),
+        )
         if "w_qual" in out.stats:  # distributions for the dashboards (this rank's share)
             metrics["w_perf_values"] = out.stats["w_perf"].tolist()
         return metrics

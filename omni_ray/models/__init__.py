@@ -1,0 +1,1 @@
+"""Model factories (the offline tiny model) and sequence log-prob computation."""
