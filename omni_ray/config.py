@@ -59,8 +59,8 @@ class TinyModelConfig:
     num_kv_heads: int = _f(4, gt=0)
     intermediate_size: int = _f(512, gt=0)
     max_position_embeddings: int = _f(64, gt=0)
-    sft_steps: int = _f(600, ge=0, help="warm-start SFT steps; stop while accuracy still rises (methods.md sec. 5)")
-    sft_lr: float = _f(3e-3, gt=0)
+    sft_steps: int = _f(330, ge=0, help="warm-start SFT steps; stop while accuracy still rises (methods.md sec. 5)")
+    sft_lr: float = _f(1e-3, gt=0)
     sft_batch_size: int = _f(64, gt=0)
 
 
@@ -98,9 +98,10 @@ class RolloutConfig:
 
 @dataclass
 class ScorerSpec:
-    type: str = _f("arith_verifier", choices=("arith_verifier", "reward_model"))
+    type: str = _f("arith_verifier", choices=("arith_verifier", "reward_model", "python"))
     weight: float = _f(1.0, gt=0)
     path: str = _f("", help="reward_model: HF sequence-classification model dir")
+    target: str = _f("", help="python: 'module:name' of a Scorer class or a function (prompts, responses) -> scores")
     scale_low: float = _f(0.0, help="the declared score scale; scores are mapped from it to scoring.rescale range")
     scale_high: float = _f(10.0)
 
@@ -324,6 +325,8 @@ def validate(cfg: OmniRayConfig) -> None:
             raise ConfigError(f"scoring.scorers[{i}]: scale_high must be > scale_low")
         if s.type == "reward_model" and not s.path:
             raise ConfigError(f"scoring.scorers[{i}].path: a reward_model scorer needs a model dir")
+        if s.type == "python" and ":" not in s.target:
+            raise ConfigError(f"scoring.scorers[{i}].target: a python scorer needs 'module:name', got {s.target!r}")
     if cfg.scoring.rescale_high <= cfg.scoring.rescale_low:
         raise ConfigError("scoring.rescale_high must be > scoring.rescale_low")
     if cfg.learner.batch_size % cfg.learner.num_workers:

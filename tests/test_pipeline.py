@@ -62,3 +62,33 @@ def test_two_round_pipeline_writes_the_run_layout(ray_local, tmp_path, tiny_mode
     # Different prompts each round: the prompt stream moves on.
     ids = [{p["prompt_id"] for p in _read_jsonl(run / "rounds" / f"round_{r:04d}" / "pairs.jsonl")} for r in (1, 2)]
     assert not ids[0] & ids[1]
+
+
+@pytest.mark.integration
+def test_nan_scores_are_dropped_and_a_round_without_pairs_is_skipped_not_fatal(ray_local, tmp_path, tiny_model_dir):
+    from omni_ray.driver import train
+
+    cfg = _small_run(
+        tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=it_nan", "scoring.scorers.0.type=python",
+        "scoring.scorers.0.target=tests.scorers_for_tests:nan_or_constant", "scoring.scorers.0.scale_high=10",
+    )  # fmt: skip
+    summary = train(cfg)
+    assert summary["rounds_completed"] == 1
+    (round_line,) = [r for r in _read_jsonl(tmp_path / "it_nan" / "metrics.jsonl") if r["kind"] == "round"]
+    assert round_line["skipped"] is True and round_line["pairs_kept"] == 0
+    assert round_line["nonfinite_scores"] > 0
+    assert round_line["pairs_dropped_nonfinite_samples"] == round_line["nonfinite_scores"]
+    assert (tmp_path / "it_nan" / "rounds" / "round_0001" / "pairs.jsonl").read_text() == ""
+
+
+def test_model_dir_without_tokenizer_is_a_clear_error(tmp_path):
+    from omni_ray.driver import ensure_model
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    cfg = load_config(None, [f"model.path={tmp_path / 'm'}"])
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        ensure_model(cfg)
+    cfg = load_config(None, [f"model.path={tmp_path / 'missing'}", "model.build_tiny_if_missing=false"])
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ensure_model(cfg)

@@ -268,3 +268,23 @@ def test_service_from_config_defaults():
     }
     res = svc.score(PROMPTS, RESPONSES)
     assert res.metrics()["score/accuracy"] == pytest.approx(1 / 3)
+
+
+def test_python_scorer_function_is_loaded_by_name_with_its_declared_scale():
+    from omni_ray.config import ScorerSpec
+    from omni_ray.scoring import ScoringService
+
+    svc = ScoringService(
+        [ScorerSpec(type="python", target="tests.scorers_for_tests:length_score", scale_low=0, scale_high=5)],
+        rescale="declared",
+    )
+    res = svc.score(["1+1="], ["22"])
+    assert res.raw_scores.tolist() == [2.0] and res.scores.tolist() == [4.0]
+
+
+def test_python_scorer_that_cannot_be_imported_names_the_target():
+    from omni_ray.config import ScorerSpec
+    from omni_ray.scoring import ScoringService
+
+    with pytest.raises(ValueError, match="no_such_module:fn"):
+        ScoringService([ScorerSpec(type="python", target="no_such_module:fn")])

@@ -7,8 +7,12 @@ from collections.abc import Sequence
 import torch
 
 
-def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded `input_ids`, `attention_mask` and a response mask aligned with the *targets* (positions 1..T)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -24,8 +28,9 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     return input_ids.to(device), attention.to(device), target_mask.to(device)
 
 
-def sequence_logprobs(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
-                      responses: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-prob L(y) per sequence and the response lengths |y| (so l(y) = L(y)/|y|)."""
     device = next(model.parameters()).device
     input_ids, attention, mask = pack(prompts, responses, pad_id, device)

@@ -59,8 +59,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, num_layers: int, num_heads: int,
-                num_kv_heads: int, intermediate_size: int, max_position_embeddings: int, seed: int) -> LlamaForCausalLM:
+def build_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    seed: int,
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -84,8 +93,16 @@ def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
 
 
-def sft_warm_start(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, task: ArithTask, *, steps: int,
-                   lr: float, batch_size: int, seed: int) -> list[float]:
+def sft_warm_start(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    task: ArithTask,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> list[float]:
     """Supervised steps on (prompt -> answer + EOS), loss on the answer tokens only. Returns the loss curve."""
     rng = np.random.default_rng([seed, 3])
     torch.manual_seed(seed)
@@ -117,24 +134,48 @@ def sft_warm_start(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     return losses
 
 
-def make_tiny(out_dir: str | Path, *, seed: int = 0, max_operand: int = 99, eval_prompts: int = 500,
-              hidden_size: int = 256, num_layers: int = 4, num_heads: int = 8, num_kv_heads: int = 4,
-              intermediate_size: int = 512, max_position_embeddings: int = 64, sft_steps: int = 600,
-              sft_lr: float = 3e-3, sft_batch_size: int = 64) -> Path:
+def make_tiny(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    max_operand: int = 99,
+    eval_prompts: int = 500,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 8,
+    num_kv_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 64,
+    sft_steps: int = 330,
+    sft_lr: float = 1e-3,
+    sft_batch_size: int = 64,
+) -> Path:
     """Build tokenizer + model, warm-start, save both in HF layout (written to a temp dir, then renamed)."""
     out = Path(out_dir)
     t0 = time.perf_counter()
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                        max_position_embeddings=max_position_embeddings, seed=seed)
+    model = build_model(
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        seed=seed,
+    )
     task = ArithTask(max_operand=max_operand, seed=seed, eval_size=eval_prompts)
     losses = sft_warm_start(model, tokenizer, task, steps=sft_steps, lr=sft_lr, batch_size=sft_batch_size, seed=seed)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    info = {"seed": seed, "sft_steps": sft_steps, "final_sft_loss": losses[-1] if losses else None,
-            "params": sum(p.numel() for p in model.parameters()), "build_s": round(time.perf_counter() - t0, 2)}
+    info = {
+        "seed": seed,
+        "sft_steps": sft_steps,
+        "final_sft_loss": losses[-1] if losses else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "build_s": round(time.perf_counter() - t0, 2),
+    }
     (tmp / "omni_ray_tiny.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -387,6 +387,30 @@ class WeightedScorer(Scorer):
         return ScoreResult(scores=total, correct=correct, scale=self.scale)
 
 
+class FunctionScorer(Scorer):
+    """A plain function ``(prompts, responses) -> scores`` on a declared scale, as a Scorer."""
+
+    def __init__(self, fn: Any, *, name: str, scale: tuple[float, float]):
+        self.fn, self.name, self.scale = fn, name, scale
+
+    def score(self, prompts: list[str], responses: list[str]) -> ScoreResult:
+        return ScoreResult(scores=np.asarray(self.fn(prompts, responses), dtype=np.float64), scale=self.scale)
+
+
+def python_scorer(target: str, *, scale: tuple[float, float]) -> Scorer:
+    """A user scorer named ``module:name``: a Scorer class (built with no arguments) or a scoring function."""
+    import importlib
+
+    module_name, _, attr = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"python scorer {target!r} cannot be imported: {exc}") from None
+    if isinstance(obj, type):
+        return obj()
+    return FunctionScorer(obj, name=target, scale=scale)
+
+
 def _spec(spec: ScorerSpec | Mapping[str, Any]) -> ScorerSpec:
     return ScorerSpec(**dict(spec)) if isinstance(spec, Mapping) else spec
 
@@ -429,6 +453,8 @@ def build_scorer(
                     scale=declared,
                 )
             )
+        elif spec.type == "python":
+            scorers.append(python_scorer(spec.target, scale=declared))
         else:
             raise ValueError(f"scoring.scorers[{i}].type: unknown scorer type {spec.type!r}")
         weights.append(float(spec.weight))
