@@ -252,6 +252,8 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise _unknown_key_error(_full_key(exc), source) from None
     except ValidationError as exc:
         raise ConfigError(f"{source}: bad value for '{_full_key(exc)}': {exc.msg}") from None
+    except TypeError as exc:  # e.g. `scoring.scorers.0.type=x`: list items are replaced whole, from a YAML file
+        raise ConfigError(f"{source}: cannot apply {other}: {exc} (set lists of sections in a YAML file)") from None
 
 
 def _dotlist(overrides: list[str]) -> DictConfig:

@@ -66,12 +66,12 @@ def test_two_round_pipeline_writes_the_run_layout(ray_local, tmp_path, tiny_mode
 
 @pytest.mark.integration
 def test_nan_scores_are_dropped_and_a_round_without_pairs_is_skipped_not_fatal(ray_local, tmp_path, tiny_model_dir):
+    from omni_ray.config import ScorerSpec, validate
     from omni_ray.driver import train
 
-    cfg = _small_run(
-        tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=it_nan", "scoring.scorers.0.type=python",
-        "scoring.scorers.0.target=tests.scorers_for_tests:nan_or_constant", "scoring.scorers.0.scale_high=10",
-    )  # fmt: skip
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=it_nan")
+    cfg.scoring.scorers = [ScorerSpec(type="python", target="tests.scorers_for_tests:nan_or_constant")]
+    validate(cfg)
     summary = train(cfg)
     assert summary["rounds_completed"] == 1
     (round_line,) = [r for r in _read_jsonl(tmp_path / "it_nan" / "metrics.jsonl") if r["kind"] == "round"]

@@ -1,0 +1,100 @@
+"""HF `generate` backend: the fallback when vLLM is not installed, and the reference implementation in tests.
+
+Prompts arrive as token ids, so batching is done here: left padding (decoder-only models continue from the last
+position), `prompts_per_batch` prompts per `generate` call with `num_return_sequences=n`. Sampling knobs mirror
+vLLM's defaults (top_k disabled, no repetition penalty) so the two backends sample from the same distribution.
+
+Determinism: each batch runs under `torch.random.fork_rng` seeded with `derive_seed(seed, batch_index)`, so a call
+does not disturb (or depend on) the process' global RNG, and the same (seed, weights, prompts, prompts_per_batch)
+repeats its samples exactly. Changing the batch composition changes which random numbers a prompt consumes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from omni_ray.rollout.worker import GenerationBackend, derive_seed, resolve_threads
+from omni_ray.weight_sync import deserialize_state_dict
+
+
+class HFBackend(GenerationBackend):
+    """`transformers` AutoModelForCausalLM + `generate`.
+
+    Args (beyond the shared ones):
+        prompts_per_batch: prompts per `generate` call (rows = prompts_per_batch * n); bounds activation memory.
+        device: torch device for the model ("cpu" default; "cuda" works for debugging on a GPU).
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        seed: int = 0,
+        dtype: str = "float32",
+        max_model_len: int = 64,
+        trust_remote_code: bool = False,
+        num_threads: int | None = None,
+        prompts_per_batch: int = 64,
+        device: str = "cpu",
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        super().__init__(model_path, max_model_len=max_model_len, trust_remote_code=trust_remote_code)
+        threads = resolve_threads(num_threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.seed = seed
+        self.prompts_per_batch = prompts_per_batch
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else min(self.eos_token_ids)
+
+    @torch.inference_mode()
+    def _generate_ids(
+        self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> list[list[list[int]]]:
+        from transformers import GenerationConfig
+
+        sample = temperature > 0
+        config = GenerationConfig(
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=0 if sample else None,  # HF defaults to 50; vLLM to disabled
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=sorted(self.eos_token_ids),
+        )
+        out: list[list[list[int]]] = []
+        for b, start in enumerate(range(0, len(prompts), self.prompts_per_batch)):
+            batch = prompts[start : start + self.prompts_per_batch]
+            input_ids, attention_mask = self._left_pad(batch)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, b))
+                seqs = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            new = seqs[:, input_ids.shape[1] :].tolist()  # rows are prompt-major: prompt 0's n samples first
+            out.extend(new[i * n : (i + 1) * n] for i in range(len(batch)))
+        return out
+
+    def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _load_weights(self, blob: bytes) -> None:
+        """Strict load: a missing or unexpected parameter name is an error, never a silently stale weight."""
+        state: dict[str, Any] = deserialize_state_dict(blob)
+        self.model.load_state_dict(state, strict=True)
