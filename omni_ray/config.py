@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import string
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,12 @@ class DataConfig:
     max_operand: int = _f(99, gt=0, help="arith: operands drawn from 0..max_operand")
     prompts_per_round: int = _f(512, gt=0)
     eval_prompts: int = _f(500, gt=0, help="held-out prompts, fixed by the seed, disjoint from training prompts")
+    path: str = _f("", help="preferences: HF dataset name, dataset dir, .jsonl or .parquet")
+    split: str = _f("train")
+    max_prompt_tokens: int = _f(512, gt=0)
+    max_response_tokens: int = _f(512, gt=0)
+    on_overlong: str = _f("truncate", choices=("truncate", "skip"))
+    on_bad_row: str = _f("raise", choices=("raise", "skip"), help="raise names the file and row; skip counts them")
 
 
 @dataclass
@@ -94,16 +102,34 @@ class RolloutConfig:
     max_new_tokens: int = _f(8, gt=0)
     eval_batch_size: int = _f(512, gt=0)
     timeout_s: float = _f(600.0, gt=0, help="a generate call that takes longer raises")
+    tensor_parallel_size: int = _f(1, ge=1, help="GPUs per vLLM engine (one engine per worker); 1 on CPU")
+    max_model_len: int = _f(0, ge=0, help="prompt + completion token budget; 0: model.tiny.max_position_embeddings")
+    gpu_memory_utilization: float = _f(0.85, gt=0, le=1, help="vLLM on GPU: share of each GPU for weights + KV")
+    enforce_eager: str = _f("auto", choices=("auto", "true", "false"), help="auto: eager on CPU, CUDA graphs on GPU")
 
 
 @dataclass
 class ScorerSpec:
-    type: str = _f("arith_verifier", choices=("arith_verifier", "reward_model", "python"))
+    type: str = _f("arith_verifier", choices=("arith_verifier", "reward_model", "python", "http", "judge"))
     weight: float = _f(1.0, gt=0)
-    path: str = _f("", help="reward_model: HF sequence-classification model dir")
+    path: str = _f("", help="reward_model: HF sequence-classification model dir; judge: HF causal LM dir")
     target: str = _f("", help="python: 'module:name' of a Scorer class or a function (prompts, responses) -> scores")
     scale_low: float = _f(0.0, help="the declared score scale; scores are mapped from it to scoring.rescale range")
     scale_high: float = _f(10.0)
+    batch_size: int = _f(0, ge=0, help="items per request / forward / judge call; 0: the scorer's default")
+    # http (omni_ray/scoring/remote.py): POST {"prompts": [...], "responses": [...]} -> {"scores": [...]}
+    url: str = _f("", help="http: the endpoint (http:// or https://); redirects are refused, never followed")
+    token_env: str = _f("", help="http: NAME of the env var holding a bearer token (the token never enters config)")
+    timeout_s: float = _f(30.0, gt=0, help="http: per-request connect/read timeout")
+    retries: int = _f(3, ge=0, help="http: retries after a failed request (connection error, timeout, 408/429/5xx)")
+    backoff_s: float = _f(0.5, ge=0, help="http: first retry delay; doubles per retry, capped at backoff_max_s")
+    backoff_max_s: float = _f(8.0, ge=0)
+    # judge (omni_ray/scoring/judge.py): rating prompt -> greedy generation -> first number on the declared scale
+    template: str = _f("", help="judge: rating prompt with {prompt} / {response}; empty: the built-in template")
+    backend: str = _f("auto", choices=("auto", "vllm", "hf"), help="judge: generation engine")
+    max_new_tokens: int = _f(8, gt=0, help="judge: tokens generated per rating")
+    max_model_len: int = _f(0, ge=0, help="judge: prompt + output token budget; 0: the model's max positions")
+    chat_template: bool = _f(False, help="judge: wrap the rating prompt in the tokenizer's chat template")
 
 
 @dataclass
@@ -135,6 +161,15 @@ class PopConfig:
     m_max: float = _f(10.0)
     ema_tau: float = _f(0.99, ge=0, le=1, help="theta_ema <- tau*theta_ema + (1-tau)*theta after each step")
     num_cpus: float = _f(0.25, gt=0)
+    labels: str = _f("gap", choices=("gap", "judge"), help="who says which pair is stronger: score gaps or an LLM")
+    judge_path: str = _f("", help="labels=judge: HF causal LM dir of the PoP judge")
+    judge_backend: str = _f("auto", choices=("auto", "vllm", "hf"))
+    judge_template: str = _f("", help="labels=judge: {prompt_a} {chosen_a} {rejected_a} + _b fields; empty: built-in")
+    judge_choices: list[str] = _f(["A", "B"], help="labels=judge: the two answers naming the first / second pair")
+    judge_max_new_tokens: int = _f(4, gt=0)
+    judge_max_model_len: int = _f(0, ge=0, help="labels=judge: token budget; 0: the model's max positions")
+    judge_batch_size: int = _f(64, gt=0)
+    judge_both_orders: bool = _f(False, help="ask with both pair orders; disagreeing verdicts count as no label")
 
 
 @dataclass
@@ -176,8 +211,39 @@ class LearnerConfig:
 
 @dataclass
 class SyncConfig:
-    strategy: str = _f("object_store", choices=("object_store", "disk"))
+    strategy: str = _f(
+        "object_store",
+        choices=("object_store", "disk", "nccl"),
+        help="nccl: bucketed broadcast from learner rank 0 into every engine (GPU; gloo on CPU for tests)",
+    )
     timeout_s: float = _f(120.0, gt=0)
+    bucket_mb: float = _f(512.0, gt=0, help="nccl: tensors are broadcast in flat buckets of at most this size")
+    collective_backend: str = _f(
+        "auto", choices=("auto", "nccl", "gloo"), help="nccl strategy transport; auto: nccl with CUDA, else gloo"
+    )
+
+
+@dataclass
+class PlacementConfig:
+    """Where role actors go on a GPU cluster (omni_ray/placement.py). Ignored when no role asks for GPUs."""
+
+    learner_strategy: str = _f(
+        "PACK",
+        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        help="Ray placement-group strategy of the learner ranks' bundles",
+    )
+    rollout_strategy: str = _f(
+        "STRICT_PACK",
+        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        help="strategy of each engine's tensor-parallel bundles (STRICT_PACK: one node, NVLink)",
+    )
+    colocate: bool = _f(False, help="rollout engines and learner ranks share GPUs; vLLM sleeps while training")
+    colocate_rollout_gpu_share: float = _f(
+        0.5, gt=0, lt=1, help="Ray GPU accounting of an engine worker on a shared GPU (the learner gets the rest)"
+    )
+    sleep_level: int = _f(1, ge=1, le=2, help="vLLM sleep level while colocated (1: weights to CPU, 2: discard)")
+    scoring_num_gpus: float = _f(0.0, ge=0, le=1, help="GPU of the scoring actor (reward models); 0: CPU")
+    timeout_s: float = _f(600.0, gt=0, help="waiting for placement groups longer than this raises")
 
 
 @dataclass
@@ -192,6 +258,8 @@ class WandbConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     console: bool = _f(True, help="print the per-round table")
+    tensorboard: bool = _f(False, help="also write TensorBoard event files to runs/<name>/tensorboard/")
+    sample_rows: int = _f(8, ge=0, help="pairs per round shown in the W&B samples table")
 
 
 @dataclass
@@ -212,6 +280,7 @@ class OmniRayConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -310,6 +379,65 @@ def _validate_node(schema: Any, node: Any, prefix: str) -> None:
             _check_rules(value, f.metadata, key)
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _template_fields(template: str) -> set[str] | None:
+    """The ``{name}`` fields of a str.format template, or None when it is not a valid template."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError:
+        return None
+
+
+def _validate_remote_and_judge(s: ScorerSpec, key: str) -> None:
+    """Cross-field rules of the http and judge scorer types (the value of token_env is never echoed: it may be a
+    token pasted by mistake)."""
+    if s.token_env and not _ENV_NAME.fullmatch(s.token_env):
+        raise ConfigError(
+            f"{key}.token_env must be the NAME of an environment variable (letters, digits, _), not a token; "
+            "the value given is not shown"
+        )
+    if s.type == "http":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(s.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{key}.url: an http scorer needs an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ConfigError(f"{key}.url must not carry credentials (user:password@); use {key}.token_env")
+    if s.type == "judge":
+        if not s.path:
+            raise ConfigError(f"{key}.path: a judge scorer needs a causal LM dir")
+        if s.template:
+            names = _template_fields(s.template)
+            if names is None or "response" not in names or not names <= {"prompt", "response"}:
+                raise ConfigError(
+                    f"{key}.template must contain {{response}} and no placeholders but {{prompt}} / {{response}} "
+                    "(write literal braces as {{ and }})"
+                )
+
+
+def _validate_pop_labels(p: PopConfig) -> None:
+    if p.labels != "judge":
+        return
+    if not p.judge_path:
+        raise ConfigError("pop.judge_path: pop.labels=judge needs the judge's causal LM dir")
+    if p.label_noise > 0:
+        raise ConfigError("pop.label_noise simulates annotator noise on gap labels; set it to 0 with pop.labels=judge")
+    choices = [str(c) for c in p.judge_choices]
+    if len(choices) != 2 or not all(c.strip() for c in choices) or choices[0].strip() == choices[1].strip():
+        raise ConfigError("pop.judge_choices must be two different non-empty answers, e.g. [A, B]")
+    if p.judge_template:
+        names = _template_fields(p.judge_template)
+        allowed = {f"{f}_{s}" for f in ("prompt", "chosen", "rejected", "choice") for s in ("a", "b")}
+        if names is None or not names <= allowed or not {"chosen_a", "chosen_b"} <= names:
+            raise ConfigError(
+                "pop.judge_template may only use {prompt_a} {chosen_a} {rejected_a} {prompt_b} {chosen_b} "
+                "{rejected_b} {choice_a} {choice_b} and must show both pairs (at least {chosen_a} and {chosen_b})"
+            )
+
+
 def validate(cfg: OmniRayConfig) -> None:
     """Per-field rules, then the cross-field rules that no single field can state."""
     _validate_node(OmniRayConfig, cfg, "")
@@ -329,6 +457,10 @@ def validate(cfg: OmniRayConfig) -> None:
             raise ConfigError(f"scoring.scorers[{i}].path: a reward_model scorer needs a model dir")
         if s.type == "python" and ":" not in s.target:
             raise ConfigError(f"scoring.scorers[{i}].target: a python scorer needs 'module:name', got {s.target!r}")
+        _validate_remote_and_judge(s, f"scoring.scorers[{i}]")
+    _validate_pop_labels(cfg.pop)
+    if cfg.data.source == "preferences" and not cfg.data.path:
+        raise ConfigError("data.path: data.source=preferences needs a dataset (HF name, dir, .jsonl or .parquet)")
     if cfg.scoring.rescale_high <= cfg.scoring.rescale_low:
         raise ConfigError("scoring.rescale_high must be > scoring.rescale_low")
     if cfg.learner.batch_size % cfg.learner.num_workers:

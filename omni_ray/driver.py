@@ -26,11 +26,19 @@ from omni_ray.learner.group import LearnerGroup
 from omni_ray.learner.objective import POP_LOSSES
 from omni_ray.learner.worker import RoundData, TrainPair
 from omni_ray.pairs import Pair, Sample, build_pairs
+from omni_ray.placement import (
+    ColocatedLearner,
+    Colocation,
+    actor_options,
+    create_placement_groups,
+    plan_placement,
+    rollout_backend_options,
+)
 from omni_ray.pop import PopEstimator
 from omni_ray.rollout.worker import RolloutWorker
 from omni_ray.scoring import ScoringService
 from omni_ray.tracking import Tracker
-from omni_ray.weight_sync import push_weights
+from omni_ray.weight_sync import BroadcastWeightSync, push_weights
 
 
 def init_ray(cfg: OmniRayConfig) -> None:
@@ -48,6 +56,10 @@ def init_ray(cfg: OmniRayConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, log_to_driver=True)
 
 
+QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+
 def actor_env() -> dict[str, str]:
     """Environment every role's actor needs, passed explicitly (actors do not inherit the driver's env on a cluster)."""
     keys = (
@@ -62,6 +74,10 @@ def actor_env() -> dict[str, str]:
     )
     env = {k: os.environ[k] for k in keys if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # Quiet actors: one table row per round is the signal; engine chatter (vLLM INFO lines, weight-loading bars)
+    # would bury it, in a terminal and in job logs alike. Errors and warnings still come through.
+    for k, v in QUIET_ENV.items():
+        env.setdefault(k, os.environ.get(k, v))
     return env
 
 
@@ -110,9 +126,9 @@ class Driver:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.task = ArithTask(max_operand=cfg.data.max_operand, seed=cfg.run.seed, eval_size=cfg.data.eval_prompts)
         self.eval_set = self.task.eval_prompts()
-        self.tracker = Tracker(self.run_dir, cfg.logging, asdict(cfg), cfg.run.name)
-        self.timings: dict[str, float] = {}
+        self.tracker = Tracker(self.run_dir, cfg.logging, _public_config(cfg), cfg.run.name)
         self.policy_version = 0
+        self.global_step = 0
 
     # ---------------------------------------------------------------------------------------------------------------
     # roles
@@ -120,45 +136,68 @@ class Driver:
     def start_roles(self) -> None:
         cfg, env = self.cfg, actor_env()
         rc = cfg.rollout
-        rollout_cls = ray.remote(RolloutWorker).options(
-            num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, runtime_env={"env_vars": env}
-        )
+        # Placement (omni_ray/placement.py): CPU runs get no placement groups and the same plain resource requests
+        # as always; GPU runs get placement groups (engines' TP bundles, learner ranks, or one colocated group).
+        plan = plan_placement(cfg)
+        self.placement_groups = create_placement_groups(plan, cfg.placement.timeout_s)
         self.rollout = [
-            rollout_cls.remote(
+            ray.remote(RolloutWorker)
+            .options(**actor_options(slot, self.placement_groups, env))
+            .remote(
                 self.model_path,
                 backend=rc.backend,
                 seed=cfg.run.seed + i,
                 dtype=cfg.model.dtype,
-                max_model_len=cfg.model.tiny.max_position_embeddings,
+                max_model_len=rc.max_model_len or cfg.model.tiny.max_position_embeddings,
                 trust_remote_code=cfg.model.trust_remote_code,
+                **rollout_backend_options(cfg, plan),
             )
-            for i in range(rc.num_workers)
+            for i, slot in enumerate(plan.rollout)
         ]
+        scoring_gpus = cfg.placement.scoring_num_gpus
         self.scorer = (
             ray.remote(ScoringService)
-            .options(num_cpus=cfg.scoring.num_cpus, runtime_env={"env_vars": env})
-            .remote(list(cfg.scoring.scorers), cfg.scoring.rescale, cfg.scoring.rescale_low, cfg.scoring.rescale_high)
+            .options(num_cpus=cfg.scoring.num_cpus, num_gpus=scoring_gpus, runtime_env={"env_vars": env})
+            .remote(
+                list(cfg.scoring.scorers),
+                cfg.scoring.rescale,
+                cfg.scoring.rescale_low,
+                cfg.scoring.rescale_high,
+                **({"device": "cuda"} if scoring_gpus > 0 else {}),
+            )
         )
         self.uses_pop = cfg.loss.name in POP_LOSSES
         p = cfg.pop
         self.pop = (
             ray.remote(PopEstimator)
-            .options(num_cpus=p.num_cpus)
-            .remote(
-                target=p.target,
-                strategy=p.strategy,
-                k=p.k,
-                label_noise=p.label_noise,
-                m_min=p.m_min,
-                m_max=p.m_max,
-                seed=cfg.run.seed,
-            )
+            .options(num_cpus=p.num_cpus, runtime_env={"env_vars": env})
+            .remote(**PopEstimator.kwargs_from_config(p, seed=cfg.run.seed,
+                                                      trust_remote_code=cfg.model.trust_remote_code))
             if self.uses_pop
             else None
+        )  # fmt: skip
+        learner = LearnerGroup(cfg, self.model_path, env, placement=(plan.learner, self.placement_groups))
+        # Colocated: the engines sleep while the learner trains on their GPUs (ColocatedLearner.train_round) and
+        # wake around the weight sync (weights first, then the KV cache; see run_round's push_weights call).
+        self.colocation = (
+            Colocation(self.rollout, level=cfg.placement.sleep_level, timeout_s=rc.timeout_s)
+            if plan.colocated
+            else None
         )
-        self.learner = LearnerGroup(cfg, self.model_path, env)
+        self.learner = learner if self.colocation is None else ColocatedLearner(learner, self.colocation)
         info = ray.get([w.ready.remote() for w in self.rollout], timeout=rc.timeout_s)
         self.rollout_backend = info[0]["backend"]
+        self.weight_broadcast: BroadcastWeightSync | None = None
+        if cfg.sync.strategy == "nccl":  # one process group for the whole run, opened once
+            self.weight_broadcast = BroadcastWeightSync(
+                learner.workers,
+                self.rollout,
+                tensor_parallel_size=plan.tensor_parallel_size,
+                backend=cfg.sync.collective_backend,
+                bucket_mb=cfg.sync.bucket_mb,
+                timeout_s=cfg.sync.timeout_s,
+            )
+            self.weight_broadcast.open()
 
     # ---------------------------------------------------------------------------------------------------------------
     # stages
@@ -207,6 +246,81 @@ class Driver:
         cfg = self.cfg
         row: dict[str, Any] = {"round": r + 1}
         t_round = time.perf_counter()
+        pairs = self._offline_pairs(row) if cfg.data.source == "preferences" else self._online_pairs(r, row)
+
+        t0 = time.perf_counter()
+        if self.pop is not None and pairs:
+            texts = [(p.prompt, p.chosen, p.rejected) for p in pairs] if cfg.pop.labels == "judge" else None
+            items, pop_stats = ray.get(
+                self.pop.training_items.remote([p.gap for p in pairs], r, texts), timeout=cfg.scoring.timeout_s
+            )
+            row.update({f"pop_{k}": v for k, v in pop_stats.items()})
+        else:
+            items = [(i, -1, math.nan) for i in range(len(pairs))]
+        row["time_pop"] = time.perf_counter() - t0
+
+        if not items:
+            dropped = {k: v for k, v in row.items() if k.startswith(("pairs_dropped", "data_"))}
+            print(f"[omni-ray] round {r + 1}: no usable pairs ({dropped}); training skipped", flush=True)
+            row.update(skipped=True, time_train=0.0, time_sync=0.0)
+            self._write_pairs(r, pairs, {})
+        else:
+            t0 = time.perf_counter()
+            result = self.learner.train_round(
+                RoundData(pairs=[_train_pair(p) for p in pairs], items=items, round_index=r)
+            )
+            row["time_train"] = time.perf_counter() - t0
+            self.global_step = result["global_step"]
+            for step in result["steps"]:
+                self.tracker.log("step", {"round": r + 1, **step}, step=step["step"])
+            row.update(_round_means(result["steps"]))
+            row.update({f"busy_{k}": v for k, v in result["busy"].items()})
+            per_pair = result["pair_stats"]
+            records = self._write_pairs(r, pairs, {i: st["margin"] for i, st in per_pair.items()})
+            dists = {k: [st[k] for st in per_pair.values() if k in st] for k in ("w_qual", "w_perf", "margin")}
+            self.tracker.log_distributions(dists, records, step=self.global_step)
+
+            t0 = time.perf_counter()
+            self.policy_version += 1
+            if self.colocation is not None:
+                self.colocation.wake(["weights"])
+            push_weights(
+                self.rollout,
+                self.weight_broadcast or self.learner.export_weights_ref(),
+                version=self.policy_version,
+                timeout_s=cfg.sync.timeout_s,
+                strategy=cfg.sync.strategy,
+                disk_dir=str(self.run_dir / "weights"),
+            )
+            if self.colocation is not None:
+                self.colocation.wake(["kv_cache"])
+            row["time_sync"] = time.perf_counter() - t0
+
+        ev = self.evaluate()
+        row.update(eval_accuracy=ev["accuracy"], eval_reward_mean=ev["reward_mean"], time_eval=ev["time_eval"])
+        if cfg.run.save_checkpoints:
+            t0 = time.perf_counter()
+            ckpt = self.run_dir / "checkpoints" / f"round_{r + 1:04d}"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            self.learner.save_pretrained(str(ckpt))
+            (ckpt / "driver_state.json").write_text(
+                json.dumps(
+                    {
+                        "round": r + 1,
+                        "policy_version": self.policy_version,
+                        "seed": cfg.run.seed,
+                        "global_step": self.global_step,
+                        "wandb_run_id": self.tracker.wandb_run_id,
+                    }
+                )
+            )
+            row["time_checkpoint"] = time.perf_counter() - t0
+        row["time_round"] = time.perf_counter() - t_round
+        return row
+
+    def _online_pairs(self, r: int, row: dict) -> list[Pair]:
+        """Generate -> score -> pair: round r's preference pairs from the current policy."""
+        cfg = self.cfg
         prompts = self.task.train_prompts(r, cfg.data.prompts_per_round)
 
         t0 = time.perf_counter()
@@ -217,6 +331,8 @@ class Driver:
             seed=cfg.run.seed * 1_000_003 + r * 1009,
         )
         row["time_generate"] = time.perf_counter() - t0
+        row["generated_tokens"] = sum(len(c.token_ids) for cs in comps for c in cs)
+        row["generate_tokens_per_s"] = row["generated_tokens"] / max(row["time_generate"], 1e-9)
 
         t0 = time.perf_counter()
         flat = [(p, c) for p, cs in zip(prompts, comps) for c in cs]
@@ -251,60 +367,33 @@ class Driver:
             pairs_kept=pstats.pairs,
             pairs_dropped=pstats.prompts - pstats.prompts_with_pairs,
             nonfinite_scores=res.nonfinite,
+            unparseable_scores=res.unparseable,
             **{f"pairs_{k}": v for k, v in pstats.as_dict().items()},
         )
         if cfg.run.dump_rollouts:
             self._write_jsonl(r, "samples.jsonl", (asdict(s) for s in samples))
+        return pairs
 
-        t0 = time.perf_counter()
-        if self.pop is not None and pairs:
-            items, pop_stats = ray.get(self.pop.training_items.remote([p.gap for p in pairs], r), timeout=120)
-            row.update({f"pop_{k}": v for k, v in pop_stats.items()})
-        else:
-            items = [(i, -1, math.nan) for i in range(len(pairs))]
-        row["time_pop"] = time.perf_counter() - t0
+    def _offline_pairs(self, row: dict) -> list[Pair]:
+        """The dataset reader that replaces sampling in offline mode (a fixed scored preference set)."""
+        from omni_ray.data.preferences import load_preference_pairs, to_train_pairs
 
-        if not items:
-            print(f"[omni-ray] round {r + 1}: no usable pairs ({pstats.as_dict()}); training skipped", flush=True)
-            row.update(skipped=True, time_train=0.0, time_sync=0.0)
-            self._write_pairs(r, pairs, {})
-        else:
-            t0 = time.perf_counter()
-            result = self.learner.train_round(
-                RoundData(pairs=[_train_pair(p) for p in pairs], items=items, round_index=r)
-            )
-            row["time_train"] = time.perf_counter() - t0
-            for step in result["steps"]:
-                self.tracker.log("step", {"round": r + 1, **{k: v for k, v in step.items() if k != "w_perf_values"}})
-            row.update(_round_means(result["steps"]))
-            row.update({f"busy_{k}": v for k, v in result["busy"].items()})
-            self._write_pairs(r, pairs, result.get("pair_margins", {}))
-
-            t0 = time.perf_counter()
-            self.policy_version += 1
-            push_weights(
-                self.rollout,
-                self.learner.export_weights_ref(),
-                version=self.policy_version,
-                timeout_s=cfg.sync.timeout_s,
-                strategy=cfg.sync.strategy,
-                disk_dir=str(self.run_dir / "weights"),
-            )
-            row["time_sync"] = time.perf_counter() - t0
-
-        ev = self.evaluate()
-        row.update(eval_accuracy=ev["accuracy"], eval_reward_mean=ev["reward_mean"], time_eval=ev["time_eval"])
-        if cfg.run.save_checkpoints:
-            t0 = time.perf_counter()
-            ckpt = self.run_dir / "checkpoints" / f"round_{r + 1:04d}"
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            self.learner.save_pretrained(str(ckpt))
-            (ckpt / "driver_state.json").write_text(
-                json.dumps({"round": r + 1, "policy_version": self.policy_version, "seed": cfg.run.seed})
-            )
-            row["time_checkpoint"] = time.perf_counter() - t0
-        row["time_round"] = time.perf_counter() - t_round
-        return row
+        d = self.cfg.data
+        records, load_stats = load_preference_pairs(d.path, split=d.split, on_bad_row=d.on_bad_row)
+        pairs, tok_stats = to_train_pairs(
+            records,
+            self.tokenizer,
+            max_prompt_tokens=d.max_prompt_tokens,
+            max_response_tokens=d.max_response_tokens,
+            on_overlong=d.on_overlong,
+        )
+        row.update(
+            pairs_kept=len(pairs),
+            pairs_dropped=load_stats["rows"] - len(pairs),
+            reward_mean=float(np.mean([p.score_chosen for p in pairs])) if pairs else math.nan,
+            **{f"data_{k}": v for k, v in {**load_stats, **tok_stats}.items() if isinstance(v, int)},
+        )
+        return pairs  # fmt: skip
 
     def _write_jsonl(self, r: int, name: str, records) -> None:
         d = self.run_dir / "rounds" / f"round_{r + 1:04d}"
@@ -313,8 +402,10 @@ class Driver:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
 
-    def _write_pairs(self, r: int, pairs: list[Pair], margins: dict[int, float]) -> None:
-        self._write_jsonl(r, "pairs.jsonl", ({**p.to_record(), "margin": margins.get(i)} for i, p in enumerate(pairs)))
+    def _write_pairs(self, r: int, pairs: list[Pair], margins: dict[int, float]) -> list[dict]:
+        records = [{**p.to_record(), "margin": margins.get(i)} for i, p in enumerate(pairs)]
+        self._write_jsonl(r, "pairs.jsonl", records)
+        return records
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -337,7 +428,7 @@ class Driver:
         for r in range(cfg.run.rounds):
             row = self.run_round(r)
             rows.append(row)
-            self.tracker.log("round", row)
+            self.tracker.log("round", row, step=self.global_step)
             self.tracker.round_row(row)
         stage_keys = [k for k in rows[0] if k.startswith("time_")] if rows else []
         summary = {
@@ -364,7 +455,14 @@ class Driver:
                 ray.kill(actor)
         if getattr(self, "learner", None) is not None:
             self.learner.shutdown()
+        for pg in getattr(self, "placement_groups", {}).values():
+            ray.util.remove_placement_group(pg)
         self.tracker.close()
+
+
+def _public_config(cfg: OmniRayConfig) -> dict:
+    """The config as W&B shows it (secrets are never config values: scorers read tokens from named env vars)."""
+    return asdict(cfg)
 
 
 def _train_pair(p: Pair) -> TrainPair:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -335,17 +336,84 @@ class PopEstimator:
     Each item is ``(strong, weak, margin)``: the strong pair trains, against the weak partner's margin. For the
     ``ema`` / ``fixed`` targets the learner computes that margin from the model (``margin`` is NaN here); for ``bt``
     it is the weak pair's Bradley-Terry margin, so every target means the same thing: *s must beat u's margin*.
+
+    ``labels`` says who decides which pair of a comparison is the stronger: ``gap`` (the score gaps, optionally
+    flipped with ``label_noise``) or ``judge`` (an LLM, :class:`omni_ray.scoring.judge.PopJudge`). With a judge,
+    gap sampling (``strategy``, ``k``) still proposes which pairs are compared; the judge then labels each proposed
+    comparison, shown in a random order, and comparisons it gives no verdict on are dropped and counted
+    (``judge_no_label``). ``judge`` is a PopJudge (or anything with ``compare``) or its constructor kwargs
+    (built here, in the estimator's process). ``training_items`` then needs the pairs' texts.
     """
 
     def __init__(
-        self, *, target: str, strategy: str, k: int, label_noise: float, m_min: float, m_max: float, seed: int
+        self,
+        *,
+        target: str,
+        strategy: str,
+        k: int,
+        label_noise: float,
+        m_min: float,
+        m_max: float,
+        seed: int,
+        labels: str = "gap",
+        judge: Any = None,
     ):
+        if labels not in ("gap", "judge"):
+            raise ValueError(f"unknown PoP label source {labels!r}; valid: gap, judge")
         self.target, self.strategy, self.k, self.label_noise = target, strategy, k, label_noise
         self.m_min, self.m_max, self.seed = m_min, m_max, seed
+        self.labels = labels
+        self.judge: Any = None
+        if labels == "judge":
+            if judge is None:
+                raise ValueError("pop.labels=judge needs a judge (a PopJudge or its constructor kwargs)")
+            if label_noise:
+                raise ValueError("label_noise simulates annotator noise on gap labels; it must be 0 with a judge")
+            from omni_ray.scoring.judge import as_pop_judge
 
-    def training_items(self, gaps: Sequence[float], round_index: int) -> tuple[list[tuple[int, int, float]], dict]:
+            self.judge = as_pop_judge(judge)
+
+    @staticmethod
+    def kwargs_from_config(pop: Any, *, seed: int, trust_remote_code: bool = False) -> dict[str, Any]:
+        """Constructor kwargs from a ``PopConfig`` (for ``ray.remote(PopEstimator).remote(**kwargs)``); with
+        ``labels=judge`` the judge is passed as kwargs and built inside the estimator's process."""
+        kwargs: dict[str, Any] = dict(
+            target=pop.target,
+            strategy=pop.strategy,
+            k=pop.k,
+            label_noise=pop.label_noise,
+            m_min=pop.m_min,
+            m_max=pop.m_max,
+            seed=seed,
+            labels=pop.labels,
+        )
+        if pop.labels == "judge":
+            kwargs["judge"] = dict(
+                path=pop.judge_path,
+                backend=pop.judge_backend,
+                template=pop.judge_template,
+                choices=tuple(pop.judge_choices),
+                max_new_tokens=pop.judge_max_new_tokens,
+                max_model_len=pop.judge_max_model_len,
+                batch_size=pop.judge_batch_size,
+                both_orders=pop.judge_both_orders,
+                trust_remote_code=trust_remote_code,
+                seed=seed,
+            )
+        return kwargs
+
+    def training_items(
+        self, gaps: Sequence[float], round_index: int, pairs: Sequence[Any] | None = None
+    ) -> tuple[list[tuple[int, int, float]], dict]:
+        """Items ``(strong, weak, margin)`` and counters for one round.
+
+        ``pairs`` (needed with ``labels=judge``, ignored otherwise): per gap, the pair's ``(prompt, chosen,
+        rejected)`` texts or an object with those attributes (``omni_ray.pairs.Pair``).
+        """
         rng = np.random.default_rng([self.seed, 13, round_index])
         kw = dict(strategy=self.strategy, k=self.k, label_noise=self.label_noise, rng=rng)
+        if self.labels == "judge":
+            return self._judge_items(gaps, pairs, rng)
         if self.target == "bt":
             margins, tuples, stats = pop_targets_bt(gaps, m_min=self.m_min, m_max=self.m_max, **kw)
             items = [(t.strong, t.weak, float(margins[t.weak])) for t in tuples]
@@ -353,3 +421,27 @@ class PopEstimator:
             tuples, stats = sample_pop_tuples(gaps, **kw)
             items = [(t.strong, t.weak, math.nan) for t in tuples]
         return items, stats.as_dict()
+
+    def _judge_items(
+        self, gaps: Sequence[float], pairs: Sequence[Any] | None, rng: np.random.Generator
+    ) -> tuple[list[tuple[int, int, float]], dict]:
+        from omni_ray.scoring.judge import judge_comparisons
+
+        n = int(np.asarray(gaps).reshape(-1).size)
+        if pairs is None or len(pairs) != n:
+            got = "none" if pairs is None else str(len(pairs))
+            raise ValueError(f"pop.labels=judge needs the texts of every pair: {n} gaps but {got} pairs")
+        candidates, stats = sample_pop_tuples(gaps, strategy=self.strategy, k=self.k, label_noise=0.0, rng=rng)
+        comparisons, jstats = judge_comparisons(self.judge, pairs, [(t.strong, t.weak) for t in candidates], rng=rng)
+        tuples = tuples_from_labels(comparisons)
+        if self.target == "bt":
+            margins = bt_margins(fit_bradley_terry(n, tuples), m_min=self.m_min, m_max=self.m_max)
+            items = [(t.strong, t.weak, float(margins[t.weak])) for t in tuples]
+        else:
+            items = [(t.strong, t.weak, math.nan) for t in tuples]
+        out: dict[str, Any] = stats.as_dict()
+        out["tuples"] = len(tuples)
+        out.update({f"judge_{k}": v for k, v in jstats.items()})
+        out["judge_agree_with_gap"] = jstats["agree_with_first"]
+        del out["judge_agree_with_first"]
+        return items, out

@@ -1,5 +1,9 @@
-"""Metrics sinks: `metrics.jsonl` (always; a line per optimizer step and per round, with a `kind`), the console
-round table, and W&B (`logging.wandb.mode`: online / offline / disabled; no key needed unless online)."""
+"""Metrics sinks: `metrics.jsonl` (always; one line per optimizer step, round, eval, with a `kind`), the console
+round table, W&B (`logging.wandb.mode`: online / offline / disabled; no key needed unless online) and TensorBoard.
+
+W&B gets scalars per step and per round, histograms of the per-pair Omni-DPO weights and PoP margins, a table of
+sample pairs each round, and the resolved config. Passing the previous run's id resumes the same W&B run.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ ROUND_COLUMNS = [  # (metric key, header, format)
     ("time_eval", "eval_s", "{:>6.1f}"),
     ("time_round", "round_s", "{:>7.1f}"),
 ]
+SAMPLE_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin"]
 
 
 def _cell(fmt: str, value: Any, width: int) -> str:
@@ -37,13 +42,19 @@ def _cell(fmt: str, value: Any, width: int) -> str:
     return fmt.format(value)
 
 
+def _scalars(record: dict) -> dict[str, float]:
+    return {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 class Tracker:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, run_name: str):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, config_dict: dict, run_name: str,
+                 wandb_run_id: str | None = None):  # fmt: skip
+        self.cfg = cfg
         self.path = run_dir / "metrics.jsonl"
-        self.console = cfg.console
         self._file = self.path.open("a")
         self._header_printed = False
         self.wandb = None
+        self.tensorboard = None
         if cfg.wandb.mode != "disabled":
             import wandb
 
@@ -55,18 +66,50 @@ class Tracker:
                 tags=list(cfg.wandb.tags),
                 config=config_dict,
                 dir=str(run_dir),
+                id=wandb_run_id,
+                resume="allow" if wandb_run_id else None,
             )
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def log(self, kind: str, record: dict) -> None:
-        line = {"kind": kind, **record}
-        self._file.write(json.dumps(line, default=float) + "\n")
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb.id if self.wandb is not None else None
+
+    def log(self, kind: str, record: dict, step: int | None = None) -> None:
+        """One metrics.jsonl line; scalars also to W&B / TensorBoard under `kind/` (x axis: the optimizer step)."""
+        self._file.write(json.dumps({"kind": kind, **record}, default=float) + "\n")
         self._file.flush()
+        scalars = {f"{kind}/{k}": v for k, v in _scalars(record).items()}
         if self.wandb is not None:
-            step = record.get("step") if kind == "step" else None
-            self.wandb.log({f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            self.wandb.log(scalars, step=step)
+        if self.tensorboard is not None and step is not None:
+            for k, v in scalars.items():
+                self.tensorboard.add_scalar(k, v, step)
+
+    def log_distributions(self, values: dict[str, list[float]], pairs: list[dict], step: int) -> None:
+        """Per-pair weight / margin distributions and a sample table of the round's pairs."""
+        values = {k: v for k, v in values.items() if v}
+        if self.wandb is not None:
+            import wandb
+
+            payload: dict[str, Any] = {f"dist/{k}": wandb.Histogram(v) for k, v in values.items()}
+            rows = pairs[: self.cfg.sample_rows]
+            if rows:
+                payload["samples/pairs"] = wandb.Table(
+                    columns=SAMPLE_COLUMNS, data=[[p.get(c) for c in SAMPLE_COLUMNS] for p in rows]
+                )
+            self.wandb.log(payload, step=step)
+        if self.tensorboard is not None:
+            import numpy as np
+
+            for k, v in values.items():
+                self.tensorboard.add_histogram(f"dist/{k}", np.asarray(v), step)
 
     def round_row(self, row: dict) -> None:
-        if not self.console:
+        if not self.cfg.console:
             return
         widths = [max(len(h), len(f.format(0) if "d" in f else f.format(0.0))) for _, h, f in ROUND_COLUMNS]
         if not self._header_printed:
@@ -79,3 +122,5 @@ class Tracker:
         self._file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

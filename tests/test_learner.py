@@ -43,7 +43,8 @@ def test_single_rank_in_process_trains_and_moves_the_margin(tiny_model_dir, toke
     # Chosen log-ratios rise against rejected ones: the reward margin grows over the round.
     assert out["steps"][-1]["reward_margin"] > out["steps"][0]["reward_margin"]
     assert w.parameter_checksum() != before
-    assert set(out["pair_margins"]) == set(range(24))
+    assert set(out["pair_stats"]) == set(range(24))
+    assert all(0 < st["w_perf"] <= 1 for st in out["pair_stats"].values())
     blob = w.export_weights()
     from safetensors.torch import load
 

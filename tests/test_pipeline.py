@@ -92,3 +92,26 @@ def test_model_dir_without_tokenizer_is_a_clear_error(tmp_path):
     cfg = load_config(None, [f"model.path={tmp_path / 'missing'}", "model.build_tiny_if_missing=false"])
     with pytest.raises(FileNotFoundError, match="missing"):
         ensure_model(cfg)
+
+
+@pytest.mark.integration
+def test_offline_preference_file_trains_through_the_same_learner_group(ray_local, tmp_path, tiny_model_dir):
+    from omni_ray.driver import train
+
+    rows = [
+        {"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 3), "score_chosen": 10.0,
+         "score_rejected": 10.0 * 2.718 ** -0.3}
+        for a in range(40)
+    ]  # fmt: skip
+    rows.append({"prompt": "1+1=", "chosen": "", "rejected": "3", "score_chosen": 9.0, "score_rejected": 1.0})
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=offline", "data.source=preferences",
+                     f"data.path={data}", "loss.name=omni_dpo")  # fmt: skip
+    summary = train(cfg)
+    assert summary["rounds_completed"] == 1
+    (round_line,) = [r for r in _read_jsonl(tmp_path / "offline" / "metrics.jsonl") if r["kind"] == "round"]
+    assert round_line["pairs_kept"] == 40 and round_line["data_empty_response"] == 1
+    pairs = _read_jsonl(tmp_path / "offline" / "rounds" / "round_0001" / "pairs.jsonl")
+    assert {p["chosen"] for p in pairs} == {str(2 * a) for a in range(40)}
+    assert (tmp_path / "offline" / "checkpoints" / "round_0001" / "model.safetensors").is_file()

@@ -7,12 +7,14 @@ returns rank 0's answer; every wait has a timeout that raises instead of hanging
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
 
 from omni_ray.config import OmniRayConfig
 from omni_ray.learner.worker import LearnerWorker, RoundData
+from omni_ray.placement import ActorSlot, actor_options
 
 
 class LearnerGroupError(RuntimeError):
@@ -20,15 +22,31 @@ class LearnerGroupError(RuntimeError):
 
 
 class LearnerGroup:
-    def __init__(self, cfg: OmniRayConfig, model_path: str, env: dict[str, str] | None = None):
+    """Args:
+    placement: (slots, placement groups) from `omni_ray.placement`: rank i goes to slots[i] (a bundle of the
+        learner's or the colocated placement group). None: plain num_cpus / num_gpus requests (CPU runs).
+    """
+
+    def __init__(
+        self,
+        cfg: OmniRayConfig,
+        model_path: str,
+        env: dict[str, str] | None = None,
+        placement: tuple[Sequence[ActorSlot], Mapping[str, Any]] | None = None,
+    ):
         lc = cfg.learner
         self.cfg = cfg
         self.timeout_s = lc.timeout_s
-        options: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        actor_cls = ray.remote(LearnerWorker).options(**options)
-        self.workers = [actor_cls.remote(cfg, model_path, rank, lc.num_workers) for rank in range(lc.num_workers)]
+        if placement is None:
+            slots, pgs = [ActorSlot(lc.num_cpus, lc.num_gpus)] * lc.num_workers, {}
+        else:
+            slots, pgs = placement
+        if len(slots) != lc.num_workers:
+            raise ValueError(f"{len(slots)} placement slots for {lc.num_workers} learner ranks")
+        self.workers = [
+            ray.remote(LearnerWorker).options(**actor_options(slot, pgs, env)).remote(cfg, model_path, rank, len(slots))
+            for rank, slot in enumerate(slots)
+        ]
         # Rank 0's node hosts the rendezvous, wherever Ray placed it.
         master_addr, master_port = ray.get(self.workers[0].node_address.remote(), timeout=self.timeout_s)
         self._all("init_process_group", master_addr, master_port)

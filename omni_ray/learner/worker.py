@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ import torch
 from omni_ray.config import OmniRayConfig
 from omni_ray.learner.objective import BatchLogps, Objective
 from omni_ray.models.logprobs import sequence_logprobs
+
+PAIR_STATS = ("w_qual", "w_perf", "margin", "nll_mask", "reward_margin")  # kept per pair for distributions
 
 
 @dataclass
@@ -47,7 +49,6 @@ class RoundData:
     pairs: list[TrainPair]
     items: list[tuple[int, int, float]]
     round_index: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _dist_env(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
@@ -176,21 +177,21 @@ class LearnerWorker:
         self._busy = {"reference": 0.0, "train": 0.0}
         if self.cfg.learner.ref_update == "per_round" and self.reference is not None and data.round_index > 0:
             self._reference_from_policy()
-        steps, margins = [], {}
+        steps, per_pair = [], {}
         t_round = time.perf_counter()
         for batch in self._batches(data):
             items = [data.items[i] for i in batch[self.rank :: self.world_size]]
-            metrics, applied = self._step(data, items)
+            metrics, pair_stats = self._step(data, items)
             steps.append(metrics)
-            margins.update(zip((s for s, _, _ in items), applied))  # the last epoch's margin per strong pair
+            per_pair.update(zip((s for s, _, _ in items), pair_stats))  # the last epoch's values per strong pair
         self._busy["train"] = time.perf_counter() - t_round - self._busy["reference"]
         gathered: list[dict] = [{} for _ in range(self.world_size)]
-        torch.distributed.all_gather_object(gathered, margins)
-        pair_margins = {k: v for part in gathered for k, v in part.items()}
-        return {"steps": steps, "busy": dict(self._busy), "global_step": self.global_step, "pair_margins": pair_margins}
+        torch.distributed.all_gather_object(gathered, per_pair)
+        pair_stats = {k: v for part in gathered for k, v in part.items()}
+        return {"steps": steps, "busy": dict(self._busy), "global_step": self.global_step, "pair_stats": pair_stats}
 
-    def _step(self, data: RoundData, items: list[tuple[int, int, float]]) -> tuple[dict, list[float]]:
-        """One optimizer step on this rank's share; returns rank-averaged metrics and the margins applied."""
+    def _step(self, data: RoundData, items: list[tuple[int, int, float]]) -> tuple[dict, list[dict]]:
+        """One optimizer step on this rank's share; returns rank-averaged metrics and per-pair weights / margin."""
         strong = [s for s, _, _ in items]
         target = self._weak_target(data, items)
         rc, rr = self._reference(data, strong)
@@ -213,7 +214,9 @@ class LearnerWorker:
         self.global_step += 1
         if self.ema is not None:
             self._update_ema()
-        return self._step_metrics(out, len(items)), out.stats["margin"].tolist()
+        keys = [k for k in PAIR_STATS if k in out.stats]
+        columns = [out.stats[k].tolist() for k in keys]
+        return self._step_metrics(out, len(items)), [dict(zip(keys, row)) for row in zip(*columns)]
 
     def _step_metrics(self, out, n: int) -> dict:
         """Batch means of the loss and its per-example stats, averaged over ranks (weighted by share size)."""
@@ -230,8 +233,6 @@ class LearnerWorker:
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
             pairs=int(vec[-1]),
         )
-        if "w_qual" in out.stats:  # distributions for the dashboards (this rank's share)
-            metrics["w_perf_values"] = out.stats["w_perf"].tolist()
         return metrics
 
     def _params(self, module: torch.nn.Module):

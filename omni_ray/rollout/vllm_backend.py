@@ -70,13 +70,63 @@ def _scoped_env(values: dict[str, str]) -> Iterator[None]:
 
 
 class WeightReceiver:
-    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside the worker that owns the model."""
+    """Mixed into vLLM's worker class (`worker_extension_cls`); runs inside every worker that owns a model shard.
+
+    Whatever the transport, weights enter through one call: the worker's `reload_weights(weights_iterator=...)` with
+    HF-named tensors (vLLM maps, fuses and shards them, then re-processes each layer into kernel layout). The blob
+    strategies feed it a deserialized state dict; the nccl strategy feeds it a generator that receives one bucket
+    per broadcast, so a 70B model never sits whole in a receiver's memory.
+    """
 
     def omni_ray_load_weights(self, blob: bytes) -> int:
         """Reload every weight from a safetensors blob of an HF state dict; returns the number of tensors."""
         state = deserialize_state_dict(blob)
-        self.reload_weights(weights_iterator=iter(state.items()))  # type: ignore[attr-defined]
-        return len(state)
+        return self._omni_ray_reload(iter(state.items()))
+
+    def _omni_ray_reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> int:
+        count = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal count
+            for item in weights:
+                count += 1
+                yield item
+
+        stream = counted()
+        self.reload_weights(weights_iterator=stream)  # type: ignore[attr-defined]
+        for _ in stream:  # a loader that stopped early must not leave the sender's broadcasts unmatched
+            pass
+        return count
+
+    def omni_ray_param_names(self) -> list[str]:
+        """vLLM's parameter names (fused, e.g. qkv_proj): what the learner's HF names must cover."""
+        return [n for n, _ in self.model_runner.get_model().named_parameters()]  # type: ignore[attr-defined]
+
+    def omni_ray_open_broadcast(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float
+    ) -> int:
+        """Join the weight-broadcast group as rank `rank_offset` + this worker's tensor-parallel rank."""
+        from omni_ray.weight_sync import BroadcastGroup
+
+        rank = rank_offset + int(getattr(self, "rank", 0))
+        device = getattr(self, "device", None) or torch.device("cpu")
+        self._omni_ray_group = BroadcastGroup(
+            host, port, rank, world_size, backend=backend, timeout_s=timeout_s, device=device
+        )
+        return rank
+
+    def omni_ray_receive_broadcast(self, wire_buckets: list) -> int:
+        """Receive every bucket from learner rank 0 and reload the weights; returns the number of tensors."""
+        from omni_ray.weight_sync import TensorSpec, receive_buckets
+
+        buckets = [[TensorSpec.from_wire(w) for w in b] for b in wire_buckets]
+        return self._omni_ray_reload(receive_buckets(self._omni_ray_group, buckets))
+
+    def omni_ray_close_broadcast(self) -> None:
+        group = getattr(self, "_omni_ray_group", None)
+        if group is not None:
+            group.close()
+            self._omni_ray_group = None
 
 
 def _on_cpu() -> bool:
@@ -144,6 +194,7 @@ class VLLMBackend(GenerationBackend):
                     trust_remote_code=trust_remote_code,
                     **kwargs,
                 )
+            self.sleeping = False
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op (meant for its own bound worker
             # processes); in-process that would silently break every later caller in this process.
@@ -172,6 +223,52 @@ class VLLMBackend(GenerationBackend):
         counts = self.llm.collective_rpc("omni_ray_load_weights", args=(bytes(blob),))
         logger.debug("vLLM workers reloaded %s tensors", counts)
         self.llm.reset_prefix_cache()
+
+    # -- the nccl weight-sync strategy (receiver side; see omni_ray.weight_sync.BroadcastWeightSync)
+
+    def param_names(self) -> list[str]:
+        return list(self.llm.collective_rpc("omni_ray_param_names")[0])
+
+    def open_broadcast(
+        self, host: str, port: int, rank_offset: int, world_size: int, backend: str, timeout_s: float
+    ) -> int:
+        """Every worker of this engine joins the broadcast group (TP worker t as rank_offset + t)."""
+        ranks = self.llm.collective_rpc(
+            "omni_ray_open_broadcast", args=(host, int(port), int(rank_offset), int(world_size), backend, timeout_s)
+        )
+        return min(ranks)
+
+    def receive_broadcast(self, wire_buckets: list) -> None:
+        """Receive one full set of weights from learner rank 0 (all workers of the engine at once)."""
+        counts = self.llm.collective_rpc("omni_ray_receive_broadcast", args=(wire_buckets,))
+        expected = sum(len(b) for b in wire_buckets)
+        if any(c != expected for c in counts):
+            raise RuntimeError(f"vLLM workers consumed {counts} of {expected} broadcast tensors")
+        self.llm.reset_prefix_cache()
+
+    def close_broadcast(self) -> None:
+        self.llm.collective_rpc("omni_ray_close_broadcast")
+
+    # -- colocation: free the GPU for the learner between generations
+
+    def sleep(self, level: int = 1) -> None:
+        """Release GPU memory: level 1 moves weights to CPU and drops the KV cache; level 2 drops both.
+
+        Needs the engine built with `enable_sleep_mode=True` (CUDA only; vLLM's CPU platform has no sleep mode).
+        """
+        if not self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+            raise RuntimeError("vLLM sleep needs engine_kwargs enable_sleep_mode=True (placement.colocate on GPU)")
+        self.llm.sleep(level=level)
+        self.sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Re-allocate GPU memory for `tags` ("weights", "kv_cache"; None = all). Colocated syncs wake the weights
+        first, load the new weights, and only then the KV cache, so weights and cache never compete with the
+        learner's freed memory at the same time. A no-op on an awake engine."""
+        if not getattr(self, "sleeping", False):
+            return
+        awake = self.llm.wake_up(tags)
+        self.sleeping = not (awake if isinstance(awake, bool) else tags is None or "kv_cache" in tags)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -10,6 +10,8 @@ the peers' "filtered on a shaped reward" bug) and maps them to the configured ra
 - :class:`ArithVerifier`: the built-in task's rule verifier (exact answer check + partial-credit quality, 0-10).
 - :class:`RewardModelScorer`: an HF sequence-classification reward model (one logit) over ``prompt + response``.
 - :class:`WeightedScorer`: a weighted mean of several scorers, each first mapped from its own scale to a common one.
+- ``HttpScorer`` (remote.py): a remote reward endpoint, JSON over HTTP with timeout, retries and backoff.
+- ``JudgeScorer`` (judge.py): an LLM rating responses through a rollout engine; unreadable ratings are NaN, counted.
 
 Non-finite scores (a reward model overflowing, a custom scorer returning NaN) are passed through, not hidden:
 ``build_pairs`` drops and counts those samples, and :class:`ScoringService` counts them per call (``nonfinite``).
@@ -67,6 +69,10 @@ class ScoreResult:
     ``None`` = unknown) and ``scale``. :class:`ScoringService` adds the rest: ``raw_scores`` / ``raw_scale`` (what
     the scorer said, kept for pairing and audit), ``scores`` / ``scale`` after the configured rescale, the count of
     non-finite scores and the wall time spent (``busy_s``) so the driver can log per-stage busy time.
+
+    ``unparseable`` is set by scorers that read a score out of generated text (LLM judges): how many responses got
+    no score because the judge's output held no number on the scale (or the rating prompt did not fit the judge's
+    context). Those responses score NaN, so they are also in ``nonfinite``; the separate count says why.
     """
 
     scores: np.ndarray
@@ -76,6 +82,7 @@ class ScoreResult:
     raw_scale: tuple[float, float] | None = None
     nonfinite: int = 0
     busy_s: float = 0.0
+    unparseable: int = 0
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -98,6 +105,7 @@ class ScoreResult:
         out = {
             f"{prefix}n": float(len(self)),
             f"{prefix}nonfinite": float(self.nonfinite),
+            f"{prefix}unparseable": float(self.unparseable),
             f"{prefix}busy_s": float(self.busy_s),
             f"{prefix}mean": finite_mean(self.scores),
             f"{prefix}raw_mean": finite_mean(self.raw_scores if self.raw_scores is not None else self.scores),
@@ -379,12 +387,14 @@ class WeightedScorer(Scorer):
         n = len(responses)
         total = np.zeros(n, dtype=np.float64)
         correct: np.ndarray | None = None
+        unparseable = 0
         for scorer, w in zip(self.scorers, self.weights, strict=True):
             res = _check_result(scorer.name, scorer.score(prompts, responses), n)
             total += w * rescale_scores(res.scores, scale=tuple(scorer.scale), target=self.scale)
+            unparseable += int(res.unparseable)
             if correct is None and res.correct is not None:
                 correct = res.correct
-        return ScoreResult(scores=total, correct=correct, scale=self.scale)
+        return ScoreResult(scores=total, correct=correct, scale=self.scale, unparseable=unparseable)
 
 
 class FunctionScorer(Scorer):
@@ -424,6 +434,10 @@ def build_scorer(
 ) -> Scorer:
     """The scorer a ``scoring.scorers`` list describes: one spec gives that scorer, several a WeightedScorer.
 
+    Types: ``arith_verifier``, ``reward_model`` (``path``), ``python`` (``target``), ``http`` (``url``, see
+    :mod:`omni_ray.scoring.remote`) and ``judge`` (``path``, ``template``, see :mod:`omni_ray.scoring.judge`).
+    A spec's ``batch_size`` (when > 0) overrides the ``batch_size`` argument.
+
     An ``arith_verifier`` spec must keep the verifier's own scale (0-10): declaring another one would make every
     rescale downstream wrong, so it is refused rather than silently ignored.
     """
@@ -447,7 +461,7 @@ def build_scorer(
             scorers.append(
                 RewardModelScorer(
                     spec.path,
-                    batch_size=batch_size,
+                    batch_size=spec.batch_size or batch_size,
                     device=device,
                     trust_remote_code=trust_remote_code,
                     scale=declared,
@@ -455,6 +469,16 @@ def build_scorer(
             )
         elif spec.type == "python":
             scorers.append(python_scorer(spec.target, scale=declared))
+        elif spec.type == "http":
+            from omni_ray.scoring.remote import HttpScorer
+
+            scorers.append(HttpScorer.from_spec(spec, scale=declared, where=f"scoring.scorers[{i}]"))
+        elif spec.type == "judge":
+            from omni_ray.scoring.judge import JudgeScorer
+
+            scorers.append(
+                JudgeScorer.from_spec(spec, scale=declared, trust_remote_code=trust_remote_code, device=device)
+            )
         else:
             raise ValueError(f"scoring.scorers[{i}].type: unknown scorer type {spec.type!r}")
         weights.append(float(spec.weight))
@@ -542,4 +566,5 @@ class ScoringService:
             raw_scale=self.declared_scale,
             nonfinite=nonfinite,
             busy_s=time.perf_counter() - t0,
+            unparseable=int(res.unparseable),
         )

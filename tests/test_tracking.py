@@ -1,0 +1,73 @@
+"""Metrics sinks read back: metrics.jsonl, an offline W&B run, TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from omni_ray.config import load_config
+from omni_ray.tracking import Tracker
+
+
+def _exercise(tracker: Tracker) -> None:
+    tracker.log("step", {"round": 1, "loss": 0.5, "w_perf": 0.3, "step": 1}, step=1)
+    tracker.log("step", {"round": 1, "loss": 0.4, "w_perf": 0.2, "step": 2}, step=2)
+    tracker.log_distributions(
+        {"w_perf": [0.1, 0.2, 0.3], "w_qual": [0.9, 0.95], "margin": []},
+        [{"prompt_id": "r0:0", "prompt": "1+1=", "chosen": "2", "rejected": "7", "score_chosen": 10.0,
+          "score_rejected": 6.1, "margin": 0.2}],
+        step=2,
+    )  # fmt: skip
+    tracker.log("round", {"round": 1, "eval_accuracy": 0.42, "pairs_kept": 3, "skipped": False}, step=2)
+
+
+def test_metrics_jsonl_has_a_kind_per_line_and_booleans_are_kept(tmp_path):
+    cfg = load_config(None, ["logging.wandb.mode=disabled"])
+    tracker = Tracker(tmp_path, cfg.logging, {}, "t")
+    _exercise(tracker)
+    tracker.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["step", "step", "round"]
+    assert lines[-1]["eval_accuracy"] == 0.42 and lines[-1]["skipped"] is False
+
+
+def test_offline_wandb_run_records_scalars_histograms_and_the_sample_table(tmp_path):
+    cfg = load_config(None, ["logging.wandb.mode=offline", "logging.wandb.project=omni-ray-test"])
+    tracker = Tracker(tmp_path, cfg.logging, {"loss": {"beta": 2.0}}, "t")
+    run_id = tracker.wandb_run_id
+    _exercise(tracker)
+    tracker.close()
+    (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
+    # wandb 0.31 has no public reader for offline runs; the run file is protobuf, whose keys and JSON values are
+    # stored as plain bytes, so reading them back this way checks what was recorded.
+    data = (run_dir / f"run-{run_id}.wandb").read_bytes()
+    for key in (b"step/loss", b"round/eval_accuracy", b"dist/w_perf", b"samples/pairs", b"beta"):
+        assert key in data, key
+    assert b"dist/margin" not in data  # empty distributions are not logged
+    (table,) = (run_dir / "files" / "media" / "table").rglob("*.table.json")
+    body = json.loads(table.read_text())
+    assert body["columns"][:2] == ["prompt_id", "prompt"] and body["data"][0][2] == "2"
+
+
+def test_resuming_with_the_saved_id_continues_the_same_wandb_run(tmp_path):
+    cfg = load_config(None, ["logging.wandb.mode=offline"])
+    first = Tracker(tmp_path, cfg.logging, {}, "t")
+    run_id = first.wandb_run_id
+    first.close()
+    second = Tracker(tmp_path, cfg.logging, {}, "t", wandb_run_id=run_id)
+    assert second.wandb_run_id == run_id
+    second.close()
+
+
+def test_tensorboard_sink_writes_scalars_and_histograms(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(None, ["logging.tensorboard=true"])
+    tracker = Tracker(tmp_path, cfg.logging, {}, "t")
+    _exercise(tracker)
+    tracker.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("step/loss")] == pytest.approx([0.5, 0.4])
+    assert "dist/w_perf" in acc.Tags()["histograms"]
