@@ -21,10 +21,11 @@ import numpy as np
 import ray
 
 from omni_ray.config import OmniRayConfig, to_yaml
-from omni_ray.data.arith import ArithTask, Prompt
+from omni_ray.data.arith import ArithTask
 from omni_ray.learner.group import LearnerGroup
 from omni_ray.learner.objective import POP_LOSSES
 from omni_ray.learner.worker import RoundData, TrainPair
+from omni_ray.models.tiny import encode_prompt
 from omni_ray.pairs import Pair, Sample, build_pairs
 from omni_ray.placement import (
     ColocatedLearner,
@@ -126,6 +127,7 @@ class Driver:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.task = ArithTask(max_operand=cfg.data.max_operand, seed=cfg.run.seed, eval_size=cfg.data.eval_prompts)
         self.eval_set = self.task.eval_prompts()
+        self.eval_ids = [encode_prompt(self.tokenizer, p.text) for p in self.eval_set]
         self.tracker = Tracker(self.run_dir, cfg.logging, _public_config(cfg), cfg.run.name)
         self.policy_version = 0
         self.global_step = 0
@@ -202,10 +204,9 @@ class Driver:
     # ---------------------------------------------------------------------------------------------------------------
     # stages
 
-    def _generate(self, prompts: list[Prompt], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
-        """Prompts split over the rollout workers; per prompt, n completions (token ids kept)."""
-        ids = [self._prompt_ids(p) for p in prompts]
-        shards = np.array_split(np.arange(len(prompts)), len(self.rollout))
+    def _generate(self, ids: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
+        """Prompt token ids split over the rollout workers; per prompt, n completions (token ids kept)."""
+        shards = np.array_split(np.arange(len(ids)), len(self.rollout))
         rc = self.cfg.rollout
         refs = [
             w.generate.remote(
@@ -223,16 +224,13 @@ class Driver:
             out += part
         return out
 
-    def _prompt_ids(self, p: Prompt) -> list[int]:
-        return [self.tokenizer.bos_token_id] + self.tokenizer.encode(p.text, add_special_tokens=False)
-
     def _score(self, prompts: list[str], responses: list[str]):
         return ray.get(self.scorer.score.remote(prompts, responses), timeout=self.cfg.scoring.timeout_s)
 
     def evaluate(self) -> dict:
         """Greedy accuracy on the fixed held-out prompts."""
         t0 = time.perf_counter()
-        comps = self._generate(self.eval_set, n=1, temperature=0.0, seed=0)
+        comps = self._generate(self.eval_ids, n=1, temperature=0.0, seed=0)
         res = self._score([p.text for p in self.eval_set], [c[0].text for c in comps])
         acc = float(np.mean(res.correct)) if res.correct is not None else math.nan
         return {
@@ -322,10 +320,11 @@ class Driver:
         """Generate -> score -> pair: round r's preference pairs from the current policy."""
         cfg = self.cfg
         prompts = self.task.train_prompts(r, cfg.data.prompts_per_round)
+        ids = [encode_prompt(self.tokenizer, p.text) for p in prompts]
 
         t0 = time.perf_counter()
         comps = self._generate(
-            prompts,
+            ids,
             n=cfg.rollout.samples_per_prompt,
             temperature=cfg.rollout.temperature,
             seed=cfg.run.seed * 1_000_003 + r * 1009,
@@ -335,21 +334,22 @@ class Driver:
         row["generate_tokens_per_s"] = row["generated_tokens"] / max(row["time_generate"], 1e-9)
 
         t0 = time.perf_counter()
-        flat = [(p, c) for p, cs in zip(prompts, comps) for c in cs]
-        res = self._score([p.text for p, _ in flat], [c.text for _, c in flat])
+        flat = [(p, i, c) for p, i, cs in zip(prompts, ids, comps) for c in cs]
+        res = self._score([p.text for p, _, _ in flat], [c.text for _, _, c in flat])
         row["time_score"] = time.perf_counter() - t0
+        correct = res.correct if res.correct is not None else [None] * len(flat)
         samples = [
             Sample(
                 prompt_id=p.prompt_id,
                 prompt=p.text,
                 response=c.text,
-                prompt_token_ids=self._prompt_ids(p),
+                prompt_token_ids=i,
                 response_token_ids=list(c.token_ids),
                 score=float(s),
                 correct=None if res.correct is None else bool(ok),
                 policy_version=self.policy_version,
             )
-            for (p, c), s, ok in zip(flat, res.scores, res.correct if res.correct is not None else [None] * len(flat))
+            for (p, i, c), s, ok in zip(flat, res.scores, correct)
         ]
         rng = np.random.default_rng([cfg.run.seed, 17, r])
         pairs, pstats = build_pairs(
