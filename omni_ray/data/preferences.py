@@ -307,32 +307,23 @@ def _record(row: Any, fields: Mapping[str, str], *, default_id: str) -> Preferen
     token_ids = _token_ids(row)
     return PreferenceRecord(
         prompt_id=str(row["prompt_id"]) if row.get("prompt_id") is not None else default_id,
-        prompt=_prompt_text(row[fields["prompt"]], fields["prompt"]),
-        chosen=_response_text(row[fields["chosen"]], fields["chosen"]),
-        rejected=_response_text(row[fields["rejected"]], fields["rejected"]),
+        prompt=_message_text(row[fields["prompt"]], "user", fields["prompt"]),
+        chosen=_message_text(row[fields["chosen"]], "assistant", fields["chosen"]),
+        rejected=_message_text(row[fields["rejected"]], "assistant", fields["rejected"]),
         score_chosen=_score(row[fields["score_chosen"]], fields["score_chosen"]),
         score_rejected=_score(row[fields["score_rejected"]], fields["score_rejected"]),
         **token_ids,
     )
 
 
-def _prompt_text(value: Any, col: str) -> str:
+def _message_text(value: Any, role: str, col: str) -> str:
+    """A plain string, or the last `role` message of a chat-format list (prompt: user, responses: assistant)."""
     if value is None:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _last_message(value, "user", col)
-    raise _BadRow(f"{col!r} must be a string or a message list, got {type(value).__name__}")
-
-
-def _response_text(value: Any, col: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return _last_message(value, "assistant", col)
+        return _last_message(value, role, col)
     raise _BadRow(f"{col!r} must be a string or a message list, got {type(value).__name__}")
 
 

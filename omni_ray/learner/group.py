@@ -66,9 +66,6 @@ class LearnerGroup:
         ref = ray.put(data)  # one object-store copy shared by all ranks
         return self._all("train_round", ref)[0]
 
-    def export_weights(self) -> bytes:
-        return self._all("export_weights")[0]
-
     def export_weights_ref(self) -> ray.ObjectRef:
         """Rank 0's safetensors bytes as an object-store reference: the driver forwards it without a copy."""
         refs = [w.export_weights.remote() for w in self.workers]
