@@ -37,7 +37,7 @@ def _f(default: Any, *, help: str = "", **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
-LOSSES = ("dpo", "ipo", "cdpo", "simpo", "margin_dpo", "odpo", "omni_dpo", "pop", "omni_pop")
+LOSSES = ("dpo", "ipo", "cdpo", "simpo", "margin_dpo", "odpo", "omni_dpo", "pop", "omni_pop", "rpo", "rft")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class RunConfig:
     rounds: int = _f(3, ge=1, help="online rounds: generate -> score -> pair -> PoP -> train -> sync")
     resume: str = _f("never", choices=("never", "auto"), help="auto: continue from the newest good checkpoint")
     save_checkpoints: bool = _f(True, help="write checkpoints/round_NNNN/ at the end of every round")
+    keep_checkpoints: int = _f(2, ge=1, help="newest checkpoints kept; older ones are deleted after a good save")
     dump_rollouts: bool = _f(False, help="write every round's scored samples to rounds/round_NNNN/samples.jsonl")
 
 
@@ -77,13 +78,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _f("task", choices=("task", "preferences"), help="task: built-in prompts; preferences: offline")
+    source: str = _f(
+        "task",
+        choices=("task", "prompts", "preferences"),
+        help="task: built-in arith prompts; prompts: online on a prompt dataset; preferences: offline scored pairs",
+    )
     task: str = _f("arith", choices=("arith",))
     max_operand: int = _f(99, gt=0, help="arith: operands drawn from 0..max_operand")
     prompts_per_round: int = _f(512, gt=0)
     eval_prompts: int = _f(500, gt=0, help="held-out prompts, fixed by the seed, disjoint from training prompts")
-    path: str = _f("", help="preferences: HF dataset name, dataset dir, .jsonl or .parquet")
+    path: str = _f("", help="prompts / preferences: HF dataset name, dataset dir, .jsonl or .parquet")
     split: str = _f("train")
+    prompt_column: str = _f("prompt", help="prompts: the prompt column (a string or a chat message list)")
+    answer_column: str = _f("", help="prompts: reference-answer column handed to verifiers (math_verifier); optional")
+    eval_split: str = _f("", help="prompts: held-out split; empty: hold out eval_prompts rows of `split` by seed")
     max_prompt_tokens: int = _f(512, gt=0)
     max_response_tokens: int = _f(512, gt=0)
     on_overlong: str = _f("truncate", choices=("truncate", "skip"))
@@ -102,6 +110,7 @@ class RolloutConfig:
     max_new_tokens: int = _f(8, gt=0)
     eval_batch_size: int = _f(512, gt=0)
     timeout_s: float = _f(600.0, gt=0, help="a generate call that takes longer raises")
+    max_retries: int = _f(2, ge=0, help="a worker that dies mid-call is restarted and its batch retried this often")
     tensor_parallel_size: int = _f(1, ge=1, help="GPUs per vLLM engine (one engine per worker); 1 on CPU")
     max_model_len: int = _f(0, ge=0, help="prompt + completion token budget; 0: model.tiny.max_position_embeddings")
     gpu_memory_utilization: float = _f(0.85, gt=0, le=1, help="vLLM on GPU: share of each GPU for weights + KV")
@@ -110,7 +119,9 @@ class RolloutConfig:
 
 @dataclass
 class ScorerSpec:
-    type: str = _f("arith_verifier", choices=("arith_verifier", "reward_model", "python", "http", "judge"))
+    type: str = _f(
+        "arith_verifier", choices=("arith_verifier", "math_verifier", "reward_model", "python", "http", "judge")
+    )
     weight: float = _f(1.0, gt=0)
     path: str = _f("", help="reward_model: HF sequence-classification model dir; judge: HF causal LM dir")
     target: str = _f("", help="python: 'module:name' of a Scorer class or a function (prompts, responses) -> scores")
@@ -140,6 +151,7 @@ class ScoringConfig:
     rescale_high: float = _f(10.0)
     num_cpus: float = _f(0.25, gt=0)
     timeout_s: float = _f(300.0, gt=0)
+    max_retries: int = _f(2, ge=0, help="a scoring actor that dies mid-call is restarted and the batch retried")
 
 
 @dataclass
@@ -147,6 +159,7 @@ class PairsConfig:
     strategy: str = _f("best_worst", choices=("best_worst", "best_random", "math"))
     min_gap: float = _f(0.0, ge=0, help="pairs whose score gap is below this are dropped and counted")
     good_threshold: float = _f(6.0, help="math rule: chosen needs a score above this")
+    swap_prob: float = _f(0.0, ge=0, le=1, help="null control: swap chosen and rejected with this probability")
 
 
 @dataclass
@@ -187,6 +200,7 @@ class LossConfig:
     margin_source: str = _f("fixed", choices=("fixed", "score_gap"), help="margin_dpo margin: fixed or S_w - S_l")
     odpo_alpha: float = _f(1.0, gt=0)
     detach_perf_weight: bool = _f(False)
+    rpo_alpha: float = _f(1.0, ge=0, help="rpo: weight of the chosen response's length-normalised NLL added to DPO")
     logprobs: str = _f(
         "auto", choices=("auto", "sum", "mean"), help="sequence log-prob L(y) or l(y)=L(y)/|y|; auto: the paper's"
     )
@@ -269,6 +283,16 @@ class RayConfig:
 
 
 @dataclass
+class PipelineConfig:
+    mode: str = _f(
+        "sync",
+        choices=("sync", "async"),
+        help="sync: exact on-policy rounds; async: round r+1 is generated and scored while round r trains "
+        "(one policy version off)",
+    )
+
+
+@dataclass
 class OmniRayConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -283,6 +307,7 @@ class OmniRayConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -459,8 +484,10 @@ def validate(cfg: OmniRayConfig) -> None:
             raise ConfigError(f"scoring.scorers[{i}].target: a python scorer needs 'module:name', got {s.target!r}")
         _validate_remote_and_judge(s, f"scoring.scorers[{i}]")
     _validate_pop_labels(cfg.pop)
-    if cfg.data.source == "preferences" and not cfg.data.path:
-        raise ConfigError("data.path: data.source=preferences needs a dataset (HF name, dir, .jsonl or .parquet)")
+    if cfg.data.source in ("prompts", "preferences") and not cfg.data.path:
+        raise ConfigError(
+            f"data.path: data.source={cfg.data.source} needs a dataset (HF name, dir, .jsonl or .parquet)"
+        )
     if cfg.scoring.rescale_high <= cfg.scoring.rescale_low:
         raise ConfigError("scoring.rescale_high must be > scoring.rescale_low")
     if cfg.learner.batch_size % cfg.learner.num_workers:
