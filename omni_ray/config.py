@@ -484,6 +484,9 @@ def validate(cfg: OmniRayConfig) -> None:
             raise ConfigError(f"scoring.scorers[{i}].target: a python scorer needs 'module:name', got {s.target!r}")
         _validate_remote_and_judge(s, f"scoring.scorers[{i}]")
     _validate_pop_labels(cfg.pop)
+    if cfg.data.source == "prompts" and not cfg.data.answer_column:
+        if any(s.type == "math_verifier" for s in cfg.scoring.scorers):
+            raise ConfigError("data.answer_column: a math_verifier scorer needs the prompts' reference answers")
     if cfg.data.source in ("prompts", "preferences") and not cfg.data.path:
         raise ConfigError(
             f"data.path: data.source={cfg.data.source} needs a dataset (HF name, dir, .jsonl or .parquet)"

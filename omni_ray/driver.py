@@ -3,8 +3,10 @@
     prompts -> generate (rollout workers) -> score (scoring actor) -> pairs -> PoP items (estimator actor)
             -> train (learner group) -> sync weights (learner -> rollout) -> eval -> checkpoint
 
-Every role is a Ray actor wrapping a plain class; every remote wait has a timeout that raises. Outputs go to
-`runs/<run_name>/` in the stable layout of docs (config.yaml, metrics.jsonl, summary.json, checkpoints/, rounds/).
+Every role is a Ray actor wrapping a plain class; every remote wait has a timeout that raises. Rollout, scoring and
+PoP actors that die are restarted by Ray (`max_restarts`) and their in-flight batch is retried, a bounded number of
+times; a dead learner rank stops the run (a collective cannot lose a member) with the newest checkpoint named for
+`run.resume=auto`. Outputs go to `runs/<run_name>/` (config.yaml, metrics.jsonl, summary.json, checkpoints/, rounds/).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,16 @@ from typing import Any
 import numpy as np
 import ray
 
+from omni_ray import checkpoint
 from omni_ray.config import OmniRayConfig, to_yaml
+from omni_ray.data import Prompt
 from omni_ray.data.arith import ArithTask
-from omni_ray.learner.group import LearnerGroup
+from omni_ray.data.prompts import PromptDataset
+from omni_ray.learner.group import LearnerGroup, LearnerGroupError
 from omni_ray.learner.objective import POP_LOSSES
 from omni_ray.learner.worker import RoundData, TrainPair
 from omni_ray.models.tiny import encode_prompt
-from omni_ray.pairs import Pair, Sample, build_pairs
+from omni_ray.pairs import Pair, build_pairs, scored_samples
 from omni_ray.placement import (
     ColocatedLearner,
     Colocation,
@@ -36,7 +42,7 @@ from omni_ray.placement import (
     rollout_backend_options,
 )
 from omni_ray.pop import PopEstimator
-from omni_ray.rollout.worker import RolloutWorker
+from omni_ray.rollout.worker import RolloutWorker, StaleWeightsError
 from omni_ray.scoring import ScoringService
 from omni_ray.tracking import Tracker
 from omni_ray.weight_sync import BroadcastWeightSync, push_weights
@@ -119,18 +125,57 @@ class Driver:
     def __init__(self, cfg: OmniRayConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.resume_from = _find_resume_point(cfg, self.run_dir) if cfg.run.resume == "auto" else None
+        if self.resume_from is None:
+            _set_aside_previous_run(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.model_path = ensure_model(cfg)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.task = ArithTask(max_operand=cfg.data.max_operand, seed=cfg.run.seed, eval_size=cfg.data.eval_prompts)
-        self.eval_set = self.task.eval_prompts()
-        self.eval_ids = [encode_prompt(self.tokenizer, p.text) for p in self.eval_set]
-        self.tracker = Tracker(self.run_dir, cfg.logging, _public_config(cfg), cfg.run.name)
+        self.task = self._prompt_source()
+        self.eval_set, self.eval_ids, _ = self._encode(self.task.eval_prompts())
+        resumed_meta = self.resume_from[1] if self.resume_from else {}
+        self.tracker = Tracker(
+            self.run_dir, cfg.logging, _public_config(cfg), cfg.run.name, resumed_meta.get("wandb_run_id")
+        )
         self.policy_version = 0
         self.global_step = 0
+        self.initial_eval: dict | None = None  # round-0 eval (run() sets it; checkpoints carry it for resume)
+        self.fault_counts: dict[str, int] = {}  # actor failures survived, per role (a round row's `faults_*`)
+
+    def _prompt_source(self) -> ArithTask | PromptDataset:
+        """Where prompts come from: the built-in arith task, or a prompt dataset (`data.source=prompts`). Offline
+        preference runs keep the arith eval set, so a tiny offline run still reports task accuracy."""
+        d = self.cfg.data
+        if d.source != "prompts":
+            return ArithTask(max_operand=d.max_operand, seed=self.cfg.run.seed, eval_size=d.eval_prompts)
+        tok = self.tokenizer
+        template = (
+            (lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True))
+            if getattr(tok, "chat_template", None)
+            else None
+        )
+        return PromptDataset.from_config(d, seed=self.cfg.run.seed, chat_template=template)
+
+    def _encode(self, prompts: list[Prompt]) -> tuple[list[Prompt], list[list[int]], dict[str, int]]:
+        """Token ids per prompt; prompts longer than data.max_prompt_tokens are cut to their last tokens (where a chat
+        template puts the generation cue) or skipped, per data.on_overlong, and counted."""
+        d = self.cfg.data
+        kept, ids, stats = [], [], {"prompts_truncated": 0, "prompts_skipped": 0}
+        for p in prompts:
+            tokens = encode_prompt(self.tokenizer, p.text)
+            if len(tokens) > d.max_prompt_tokens:
+                if d.on_overlong == "skip":
+                    stats["prompts_skipped"] += 1
+                    continue
+                stats["prompts_truncated"] += 1
+                tokens = tokens[-d.max_prompt_tokens :]
+            kept.append(p)
+            ids.append(tokens)
+        return kept, ids, stats
 
     # ---------------------------------------------------------------------------------------------------------------
     # roles
@@ -144,7 +189,7 @@ class Driver:
         self.placement_groups = create_placement_groups(plan, cfg.placement.timeout_s)
         self.rollout = [
             ray.remote(RolloutWorker)
-            .options(**actor_options(slot, self.placement_groups, env))
+            .options(**actor_options(slot, self.placement_groups, env), max_restarts=rc.max_retries)
             .remote(
                 self.model_path,
                 backend=rc.backend,
@@ -159,7 +204,12 @@ class Driver:
         scoring_gpus = cfg.placement.scoring_num_gpus
         self.scorer = (
             ray.remote(ScoringService)
-            .options(num_cpus=cfg.scoring.num_cpus, num_gpus=scoring_gpus, runtime_env={"env_vars": env})
+            .options(
+                num_cpus=cfg.scoring.num_cpus,
+                num_gpus=scoring_gpus,
+                runtime_env={"env_vars": env},
+                max_restarts=cfg.scoring.max_retries,
+            )
             .remote(
                 list(cfg.scoring.scorers),
                 cfg.scoring.rescale,
@@ -172,7 +222,7 @@ class Driver:
         p = cfg.pop
         self.pop = (
             ray.remote(PopEstimator)
-            .options(num_cpus=p.num_cpus, runtime_env={"env_vars": env})
+            .options(num_cpus=p.num_cpus, runtime_env={"env_vars": env}, max_restarts=cfg.scoring.max_retries)
             .remote(**PopEstimator.kwargs_from_config(p, seed=cfg.run.seed,
                                                       trust_remote_code=cfg.model.trust_remote_code))
             if self.uses_pop
@@ -205,33 +255,95 @@ class Driver:
     # stages
 
     def _generate(self, ids: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
-        """Prompt token ids split over the rollout workers; per prompt, n completions (token ids kept)."""
+        """Prompt token ids split over the rollout workers; per prompt, n completions (token ids kept).
+
+        A shard whose worker dies (or comes back from a restart with the model dir's weights) is retried on the same
+        worker once Ray has restarted it and the current policy is pushed to it again: every prompt is answered by the
+        policy version the round expects, or the round fails loudly after `rollout.max_retries`.
+        """
         shards = np.array_split(np.arange(len(ids)), len(self.rollout))
         rc = self.cfg.rollout
-        refs = [
-            w.generate.remote(
-                [ids[i] for i in shard],
+
+        def call(j: int) -> ray.ObjectRef:
+            return self.rollout[j].generate.remote(
+                [ids[i] for i in shards[j]],
                 n=n,
                 temperature=temperature,
                 top_p=rc.top_p,
                 max_new_tokens=rc.max_new_tokens,
                 seed=seed + j,
+                expect_version=self.policy_version,
             )
-            for j, (w, shard) in enumerate(zip(self.rollout, shards))
-        ]
-        out: list[list[Any]] = []
-        for part in ray.get(refs, timeout=rc.timeout_s):
-            out += part
-        return out
 
-    def _score(self, prompts: list[str], responses: list[str]):
-        return ray.get(self.scorer.score.remote(prompts, responses), timeout=self.cfg.scoring.timeout_s)
+        parts = self._get_with_retries(
+            "rollout", call, len(shards), self._restore_rollout, timeout_s=rc.timeout_s, max_retries=rc.max_retries
+        )
+        return [c for part in parts for c in part]
+
+    def _restore_rollout(self, j: int) -> None:
+        """After worker j failed: wait for Ray's restart, then give it the current policy if it lost it."""
+        rc = self.cfg.rollout
+        _wait_restarted(self.rollout[j], rc.timeout_s)
+        info = ray.get(self.rollout[j].ready.remote(), timeout=rc.timeout_s)
+        if info["policy_version"] != self.policy_version:
+            # The learner holds the current policy; one worker gets it again through the object store (whatever
+            # sync.strategy is: a restarted engine is not a member of the NCCL group the others share).
+            push_weights([self.rollout[j]], self.learner.export_weights_ref(), version=self.policy_version,
+                         timeout_s=self.cfg.sync.timeout_s)  # fmt: skip
+
+    def _get_with_retries(
+        self,
+        role: str,
+        call: Callable[[int], ray.ObjectRef],
+        count: int,
+        restore: Callable[[int], None],
+        *,
+        timeout_s: float,
+        max_retries: int,
+    ) -> list[Any]:
+        """Results of `call(0..count-1)`; a call that fails because its actor died or lost its weights is retried
+        after `restore(j)`, at most `max_retries` times per call. Anything else (a bug, bad input) raises at once."""
+        refs = {j: call(j) for j in range(count)}
+        results: dict[int, Any] = {}
+        failures = dict.fromkeys(refs, 0)
+        deadline = time.monotonic() + timeout_s
+        while refs:
+            ready, _ = ray.wait(list(refs.values()), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"{role}: calls {sorted(refs)} did not finish within {timeout_s:.0f} s")
+            j = next(k for k, ref in refs.items() if ref == ready[0])
+            try:
+                results[j] = ray.get(refs.pop(j))
+            except (ray.exceptions.RayActorError, StaleWeightsError) as exc:
+                failures[j] += 1
+                self.fault_counts[role] = self.fault_counts.get(role, 0) + 1
+                if failures[j] > max_retries:
+                    raise RuntimeError(f"{role} call {j} failed {failures[j]} times; last error: {exc}") from exc
+                print(f"[omni-ray] {role} actor {j} failed ({type(exc).__name__}); retry {failures[j]}/{max_retries}",
+                      flush=True)  # fmt: skip
+                restore(j)
+                refs[j] = call(j)
+        return [results[j] for j in range(count)]
+
+    def _score(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None):
+        """Scores (and `correct`, for verifiers) of responses; references are the prompts' reference answers."""
+        sc = self.cfg.scoring
+        (result,) = self._get_with_retries(
+            "scorer",
+            lambda _j: self.scorer.score.remote(prompts, responses, references),
+            1,
+            lambda _j: _wait_restarted(self.scorer, sc.timeout_s),
+            timeout_s=sc.timeout_s,
+            max_retries=sc.max_retries,
+        )
+        return result
 
     def evaluate(self) -> dict:
         """Greedy accuracy on the fixed held-out prompts."""
         t0 = time.perf_counter()
         comps = self._generate(self.eval_ids, n=1, temperature=0.0, seed=0)
-        res = self._score([p.text for p in self.eval_set], [c[0].text for c in comps])
+        res = self._score([p.text for p in self.eval_set], [c[0].text for c in comps],
+                          [p.reference for p in self.eval_set])  # fmt: skip
         acc = float(np.mean(res.correct)) if res.correct is not None else math.nan
         return {
             "accuracy": acc,
@@ -241,6 +353,16 @@ class Driver:
         }
 
     def run_round(self, r: int) -> dict:
+        """One round; a learner failure stops the run with the checkpoint to resume from named."""
+        try:
+            return self._run_round(r)
+        except LearnerGroupError as exc:
+            found = checkpoint.latest_good(self.ckpt_root, log=lambda _m: None)
+            where = f"the newest good checkpoint is {found[0]}" if found else "no checkpoint was written yet"
+            raise LearnerGroupError(f"{exc}. The run stopped in round {r + 1}; {where}; rerun with run.resume=auto "
+                                    "to continue") from exc  # fmt: skip
+
+    def _run_round(self, r: int) -> dict:
         cfg = self.cfg
         row: dict[str, Any] = {"round": r + 1}
         t_round = time.perf_counter()
@@ -249,8 +371,14 @@ class Driver:
         t0 = time.perf_counter()
         if self.pop is not None and pairs:
             texts = [(p.prompt, p.chosen, p.rejected) for p in pairs] if cfg.pop.labels == "judge" else None
-            items, pop_stats = ray.get(
-                self.pop.training_items.remote([p.gap for p in pairs], r, texts), timeout=cfg.scoring.timeout_s
+            sc = cfg.scoring
+            ((items, pop_stats),) = self._get_with_retries(
+                "pop",
+                lambda _j: self.pop.training_items.remote([p.gap for p in pairs], r, texts),
+                1,
+                lambda _j: _wait_restarted(self.pop, sc.timeout_s),
+                timeout_s=sc.timeout_s,
+                max_retries=sc.max_retries,
             )
             row.update({f"pop_{k}": v for k, v in pop_stats.items()})
         else:
@@ -296,22 +424,12 @@ class Driver:
 
         ev = self.evaluate()
         row.update(eval_accuracy=ev["accuracy"], eval_reward_mean=ev["reward_mean"], time_eval=ev["time_eval"])
+        if self.fault_counts:
+            row.update({f"faults_{k}": v for k, v in self.fault_counts.items()})
+            self.fault_counts = {}
         if cfg.run.save_checkpoints:
             t0 = time.perf_counter()
-            ckpt = self.run_dir / "checkpoints" / f"round_{r + 1:04d}"
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            self.learner.save_pretrained(str(ckpt))
-            (ckpt / "driver_state.json").write_text(
-                json.dumps(
-                    {
-                        "round": r + 1,
-                        "policy_version": self.policy_version,
-                        "seed": cfg.run.seed,
-                        "global_step": self.global_step,
-                        "wandb_run_id": self.tracker.wandb_run_id,
-                    }
-                )
-            )
+            self._save_checkpoint(r + 1)
             row["time_checkpoint"] = time.perf_counter() - t0
         row["time_round"] = time.perf_counter() - t_round
         return row
@@ -319,8 +437,8 @@ class Driver:
     def _online_pairs(self, r: int, row: dict) -> list[Pair]:
         """Generate -> score -> pair: round r's preference pairs from the current policy."""
         cfg = self.cfg
-        prompts = self.task.train_prompts(r, cfg.data.prompts_per_round)
-        ids = [encode_prompt(self.tokenizer, p.text) for p in prompts]
+        prompts, ids, prompt_stats = self._encode(self.task.train_prompts(r, cfg.data.prompts_per_round))
+        row.update(prompt_stats)
 
         t0 = time.perf_counter()
         comps = self._generate(
@@ -335,22 +453,9 @@ class Driver:
 
         t0 = time.perf_counter()
         flat = [(p, i, c) for p, i, cs in zip(prompts, ids, comps) for c in cs]
-        res = self._score([p.text for p, _, _ in flat], [c.text for _, _, c in flat])
+        res = self._score([p.text for p, _, _ in flat], [c.text for _, _, c in flat], [p.reference for p, _, _ in flat])
         row["time_score"] = time.perf_counter() - t0
-        correct = res.correct if res.correct is not None else [None] * len(flat)
-        samples = [
-            Sample(
-                prompt_id=p.prompt_id,
-                prompt=p.text,
-                response=c.text,
-                prompt_token_ids=i,
-                response_token_ids=list(c.token_ids),
-                score=float(s),
-                correct=None if res.correct is None else bool(ok),
-                policy_version=self.policy_version,
-            )
-            for (p, i, c), s, ok in zip(flat, res.scores, correct)
-        ]
+        samples = scored_samples(flat, res.scores, res.correct, policy_version=self.policy_version)
         rng = np.random.default_rng([cfg.run.seed, 17, r])
         pairs, pstats = build_pairs(
             samples,
@@ -358,6 +463,7 @@ class Driver:
             min_gap=cfg.pairs.min_gap,
             rng=rng,
             good_threshold=cfg.pairs.good_threshold,
+            swap_prob=cfg.pairs.swap_prob,
         )
         finite = res.raw_scores[np.isfinite(res.raw_scores)]
         row.update(
@@ -408,6 +514,46 @@ class Driver:
         return records
 
     # ---------------------------------------------------------------------------------------------------------------
+    # checkpoints and resume
+
+    def _save_checkpoint(self, rounds_done: int) -> Path:
+        """checkpoints/round_NNNN/: the policy in HF layout at the top (eval and serving read it as a model dir),
+        the learner's full training state under learner/, the driver's state in driver_state.json; staged and
+        committed atomically with a checksum manifest (omni_ray/checkpoint.py), then older ones pruned."""
+        final = self.ckpt_root / f"round_{rounds_done:04d}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stage = checkpoint.staging_dir(final)
+        self.learner.save_pretrained(str(stage))
+        self.learner.save_state(str(stage / "learner"))
+        state = {
+            "round": rounds_done,
+            "policy_version": self.policy_version,
+            "global_step": self.global_step,
+            "seed": self.cfg.run.seed,
+            "prompts_per_round": self.cfg.data.prompts_per_round,
+            # Round r's prompts are a pure function of (seed, r, prompts_per_round): the cursor is the round.
+            "prompt_cursor": rounds_done * self.cfg.data.prompts_per_round,
+            "wandb_run_id": self.tracker.wandb_run_id,
+            "initial_eval": self.initial_eval,
+        }
+        (stage / "driver_state.json").write_text(json.dumps(state, indent=2))
+        checkpoint.commit(stage, final, state)
+        checkpoint.prune(self.ckpt_root, self.cfg.run.keep_checkpoints)
+        return final
+
+    def _restore(self, path: Path, state: dict) -> int:
+        """Learner state from the checkpoint, its policy into the rollout workers; returns the rounds already done."""
+        self.global_step = self.learner.load_state(str(path / "learner"))
+        self.policy_version = int(state["policy_version"])
+        self.initial_eval = state["initial_eval"]
+        if self.policy_version > 0:
+            for j in range(len(self.rollout)):
+                self._restore_rollout(j)
+        print(f"[omni-ray] resumed from {path} (round {state['round']} done, optimizer step {self.global_step})",
+              flush=True)  # fmt: skip
+        return int(state["round"])
+
+    # ---------------------------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
         t_start = time.perf_counter()
@@ -421,32 +567,43 @@ class Driver:
             f"(ZeRO-{cfg.learner.zero_stage})",
             flush=True,
         )
-        initial = self.evaluate()
-        self.tracker.log("eval", {"round": 0, **initial})
-        self.tracker.round_row({"round": 0, "eval_accuracy": initial["accuracy"], "time_eval": initial["time_eval"]})
-        rows = []
-        for r in range(cfg.run.rounds):
+        done = self._restore(*self.resume_from) if self.resume_from else 0
+        if not self.resume_from:
+            self.initial_eval = self.evaluate()
+            self.tracker.log("eval", {"round": 0, **self.initial_eval})
+            ev = self.initial_eval
+            self.tracker.round_row({"round": 0, "eval_accuracy": ev["accuracy"], "time_eval": ev["time_eval"]})
+        if done >= cfg.run.rounds:
+            print(f"[omni-ray] {self.run_dir} has completed {done} of run.rounds={cfg.run.rounds} rounds: nothing to "
+                  "train (raise run.rounds to continue it)", flush=True)  # fmt: skip
+        for r in range(done, cfg.run.rounds):
             row = self.run_round(r)
-            rows.append(row)
             self.tracker.log("round", row, step=self.global_step)
             self.tracker.round_row(row)
-        stage_keys = [k for k in rows[0] if k.startswith("time_")] if rows else []
-        summary = {
-            "run_name": cfg.run.name,
-            "rounds_completed": len(rows),
-            "initial_eval": initial,
-            "final_eval": {"accuracy": rows[-1]["eval_accuracy"], "reward_mean": rows[-1]["eval_reward_mean"]}
-            if rows
-            else initial,
-            "wall_s": time.perf_counter() - t_start,
-            "startup_s": startup,
-            "stage_time_s": {k[5:]: float(sum(r.get(k, 0.0) for r in rows)) for k in stage_keys},
-            "rollout_backend": self.rollout_backend,
-            "loss": cfg.loss.name,
-        }
+        summary = self._summary(time.perf_counter() - t_start, startup)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.tracker.log("summary", summary)
         return summary
+
+    def _summary(self, wall_s: float, startup_s: float) -> dict:
+        """From metrics.jsonl's round records, so a resumed run's summary covers the rounds of every process."""
+        rows = [r for r in _read_metrics(self.run_dir / "metrics.jsonl") if r.get("kind") == "round"]
+        stage_keys = sorted({k for row in rows for k in row if k.startswith("time_")})
+        last = rows[-1] if rows else None
+        return {
+            "run_name": self.cfg.run.name,
+            "rounds_completed": len(rows),
+            "initial_eval": self.initial_eval,
+            "final_eval": {"accuracy": last["eval_accuracy"], "reward_mean": last["eval_reward_mean"]}
+            if last
+            else self.initial_eval,
+            "wall_s": wall_s,
+            "startup_s": startup_s,
+            "stage_time_s": {k[5:]: float(sum(r.get(k, 0.0) for r in rows)) for k in stage_keys},
+            "rollout_backend": self.rollout_backend,
+            "loss": self.cfg.loss.name,
+            "resumed_from": str(self.resume_from[0]) if self.resume_from else None,
+        }
 
     def close(self) -> None:
         """Stop every role's actors (a driver inside a long-lived cluster must not leak them) and the sinks."""
@@ -458,6 +615,57 @@ class Driver:
         for pg in getattr(self, "placement_groups", {}).values():
             ray.util.remove_placement_group(pg)
         self.tracker.close()
+
+
+def _wait_restarted(actor: Any, timeout_s: float) -> None:
+    """Block until Ray has restarted `actor` (calls fail fast with ActorUnavailableError while it restarts);
+    a stateless actor (scorer, PoP estimator) needs nothing more before its batch is retried."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.0, deadline - time.monotonic()))
+            return
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _find_resume_point(cfg: OmniRayConfig, run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest good checkpoint of `run_dir` (`run.resume=auto`), checked against the config; metrics.jsonl is cut
+    back to it, so the rounds redone after it are logged once."""
+    found = checkpoint.latest_good(run_dir / "checkpoints")
+    if found is None:
+        print(f"[omni-ray] run.resume=auto: no usable checkpoint under {run_dir}; starting from round 1", flush=True)
+        return None
+    path, state = found
+    for key, now in (("seed", cfg.run.seed), ("prompts_per_round", cfg.data.prompts_per_round)):
+        if state[key] != now:
+            raise ValueError(
+                f"run.resume=auto: {path} was written with {key}={state[key]}, the config says {now}; the prompt "
+                f"stream would differ (set it back, or start a new run.name)"
+            )
+    metrics = run_dir / "metrics.jsonl"
+    kept = [r for r in _read_metrics(metrics) if r.get("kind") != "summary" and r.get("round", 0) <= state["round"]]
+    tmp = metrics.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(metrics)
+    return path, state
+
+
+def _set_aside_previous_run(run_dir: Path) -> None:
+    """A fresh run never mixes with, or overwrites, an earlier run of the same name: that one is renamed aside."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"[omni-ray] {run_dir} held an earlier run: moved to {aside} (run.resume=auto continues a run)",
+              flush=True)  # fmt: skip
 
 
 def _public_config(cfg: OmniRayConfig) -> dict:

@@ -25,8 +25,8 @@ means) so that the caller can aggregate them over micro-batches / ranks or log t
 accuracy is ``stats["accuracy"].mean()``.
 
 Validation: NaN anywhere in a tensor input, inputs that are not 1-D floating-point tensors of one common shape, a
-non-finite hyper-parameter or ``beta <= 0`` raise ``ValueError`` naming the function and the argument. The NaN check
-reads a flag back to the host (one device sync per tensor input).
+non-finite hyper-parameter, ``beta <= 0`` or a response length ``<= 0`` raise ``ValueError`` naming the function and
+the argument. The NaN check reads a flag back to the host (one device sync per tensor input).
 """
 
 from __future__ import annotations
@@ -40,7 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LossOutput", "Margin", "dpo_loss", "odpo_margin", "omni_dpo_loss", "pop_loss", "simpo_loss"]
+__all__ = [
+    "LossOutput",
+    "Margin",
+    "dpo_loss",
+    "odpo_margin",
+    "omni_dpo_loss",
+    "pop_loss",
+    "rft_loss",
+    "rpo_loss",
+    "simpo_loss",
+]
 
 Margin: TypeAlias = float | Tensor | None
 """A margin: None (no margin, i.e. 0), one float for the whole batch, or a (B,) tensor of per-example margins."""
@@ -100,6 +110,9 @@ def _check_inputs(fn: str, tensors: Mapping[str, Tensor | float | None], **scala
             raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
     if "beta" in scalars and scalars["beta"] <= 0:
         raise ValueError(f"{fn}: beta must be > 0, got {scalars['beta']!r}")
+    lengths = tensors.get("chosen_lengths")
+    if isinstance(lengths, Tensor) and bool((lengths <= 0).any()):
+        raise ValueError(f"{fn}: chosen_lengths must be > 0 (every response has at least one token)")
 
 
 def _per_example_margin(margin: Margin, like: Tensor) -> Tensor:
@@ -357,3 +370,70 @@ def pop_loss(
         margin=m_s,
         clipped=((target < m_min) | (target > m_max)).to(dtype),
     )
+
+
+def rpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    chosen_lengths: Tensor,
+    *,
+    beta: float,
+    alpha: float,
+) -> LossOutput:
+    """RPO, iterative reasoning preference optimisation (arXiv 2404.19733): DPO plus the chosen response's NLL.
+
+    Log-prob inputs are expected summed (L, the DPO paper's convention); ``chosen_lengths`` = |y_w| (token counts as
+    floats). With ``M = (pc - rc) - (pr - rr)``:
+
+        nll    = -pc / |y_w|                                   length-normalised NLL of the chosen response
+        loss_b = -log sigma(beta * M) + alpha * nll
+
+    alpha = 0 is exactly DPO; the paper uses alpha = 1 and normalises the NLL by the length of the whole chosen
+    response (its reasoning c_w plus answer y_w, i.e. |y_w| here). Pass ``chosen_lengths`` of ones when
+    ``policy_chosen`` is already length-normalised.
+
+    Stats (per example): those of :func:`dpo_loss` (chosen_reward, rejected_reward, reward_margin, accuracy, margin),
+    preference_loss = -log sigma(beta M), nll (not multiplied by alpha).
+    """
+    fn = "rpo_loss"
+    _check_inputs(
+        fn,
+        {
+            "policy_chosen": policy_chosen,
+            "policy_rejected": policy_rejected,
+            "ref_chosen": ref_chosen,
+            "ref_rejected": ref_rejected,
+            "chosen_lengths": chosen_lengths,
+        },
+        beta=beta,
+        alpha=alpha,
+    )
+    if alpha < 0:
+        raise ValueError(f"{fn}: alpha must be >= 0, got {alpha!r}")
+    dpo = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
+    nll = -policy_chosen / chosen_lengths.to(policy_chosen)
+    return _output(dpo.per_example + alpha * nll, **dpo.stats, preference_loss=dpo.per_example, nll=nll)
+
+
+def rft_loss(policy_chosen: Tensor, score_chosen: Tensor, *, tau_good: float) -> LossOutput:
+    """Rejection-sampling fine-tuning (RFT, arXiv 2308.01825) on the chosen responses that pass the verifier.
+
+    Reference-free supervised fine-tuning on the model's own samples: ``policy_chosen`` is expected length-normalised
+    (l_theta(y_w)), and only chosen responses scored at least ``tau_good`` (verified) are trained on:
+
+        verified_b = 1[S_w >= tau_good]                        (no gradient)
+        loss_b     = -verified_b * pc
+        loss       = mean_b loss_b                             (plain batch mean: unverified pairs contribute 0)
+
+    The rejected response is not used. Because the mean runs over the whole batch, the step size scales with the
+    verified fraction, as the calibrated NLL of :func:`omni_dpo_loss` does.
+
+    Stats (per example): nll_mask = verified_b (0/1; its sum counts the pairs trained on), nll = -pc (unmasked),
+    margin = 0 (no margin is applied).
+    """
+    _check_inputs("rft_loss", {"policy_chosen": policy_chosen, "score_chosen": score_chosen}, tau_good=tau_good)
+    verified = (score_chosen >= tau_good).to(policy_chosen.dtype)
+    nll = -policy_chosen
+    return _output(verified * nll, nll_mask=verified, nll=nll, margin=torch.zeros_like(policy_chosen))

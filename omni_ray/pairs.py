@@ -18,6 +18,16 @@ Nothing is resolved silently by index order: ties for best / worst are broken un
 dropped_identical_text + dropped_min_gap`` always holds. ``dropped_nonfinite_samples`` counts *samples* (NaN / inf
 scores are removed before pairing and the run goes on), not prompts.
 
+Null control (``swap_prob``): each emitted pair has its chosen and rejected *responses* swapped with that probability
+(counted in ``swapped``). The *scores stay in place*: ``score_chosen`` is still the higher score and the gap is still
+positive, so every score-dependent term of the loss (the Omni-DPO quality weight sigma(eta * gap), the calibrated-NLL
+mask S_w >= tau_good, PoP gap labels) sees exactly what it would see without the swap. Swapping the scores along with
+the responses would leak the true label: a swapped pair would show a negative gap, sigma(eta * gap) would all but
+switch it off, and the preference signal would survive in the weights. With positional scores nothing the learner
+sees tells a swapped pair from an unswapped one, so at ``swap_prob = 0.5`` the expected preference signal is zero.
+``chosen_correct`` / ``rejected_correct`` travel with their responses (they describe them) and ``Pair.swapped`` is
+recorded in ``pairs.jsonl``.
+
 Score scales: ``eta`` (Omni-DPO quality weight) and ``tau_good`` / ``good_threshold`` only mean something on a
 known scale. Scorers declare their scale; ``rescale_scores`` maps a declared scale linearly to a fixed target
 range (0-10 by default) and ``rescale_per_round`` min-max normalises one round's scores (methods.md sec. 2:
@@ -29,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -64,12 +75,38 @@ class Sample:
     policy_version: int = 0
 
 
+def scored_samples(
+    flat: Sequence[tuple[Any, list[int], Any]],
+    scores: Sequence[float],
+    correct: Sequence[bool] | None,
+    policy_version: int = 0,
+) -> list[Sample]:
+    """Samples from (prompt, prompt token ids, completion) triples, one per response in scoring order, with their
+    scores and verifier results (`correct` None: no verifier). Prompts carry `prompt_id` / `text`, completions
+    `text` / `token_ids` (omni_ray.data.Prompt, omni_ray.rollout.Completion)."""
+    flags: Sequence[bool | None] = [None] * len(flat) if correct is None else [bool(ok) for ok in correct]
+    return [
+        Sample(
+            prompt_id=p.prompt_id,
+            prompt=p.text,
+            response=c.text,
+            prompt_token_ids=ids,
+            response_token_ids=list(c.token_ids),
+            score=float(s),
+            correct=ok,
+            policy_version=policy_version,
+        )
+        for (p, ids, c), s, ok in zip(flat, scores, flags, strict=True)
+    ]
+
+
 @dataclass
 class Pair:
     """A (chosen, rejected) preference pair for one prompt.
 
     ``policy_version`` is the older of the two samples' versions (the most stale policy involved).
     ``chosen_correct`` / ``rejected_correct`` carry the verifier result of each side when known.
+    ``swapped``: the null control exchanged the responses (the scores stay in place; see the module docstring).
     """
 
     prompt_id: str
@@ -84,6 +121,7 @@ class Pair:
     policy_version: int = 0
     chosen_correct: bool | None = None
     rejected_correct: bool | None = None
+    swapped: bool = False
 
     @property
     def gap(self) -> float:
@@ -106,6 +144,7 @@ class Pair:
             "policy_version": int(self.policy_version),
             "chosen_correct": None if self.chosen_correct is None else bool(self.chosen_correct),
             "rejected_correct": None if self.rejected_correct is None else bool(self.rejected_correct),
+            "swapped": bool(self.swapped),
         }
 
 
@@ -126,6 +165,7 @@ class PairStats:
     - ``dropped_nonfinite_samples``: samples (not prompts) removed for a NaN / inf score before pairing.
     - ``tie_broken_randomly``: prompts where chosen and/or rejected was drawn at random among samples tied for the
       selected score (counted when the draw happens, even if the pair is then dropped for its gap).
+    - ``swapped``: emitted pairs whose responses the ``swap_prob`` null control exchanged.
     """
 
     prompts: int = 0
@@ -138,6 +178,7 @@ class PairStats:
     dropped_no_candidate: int = 0
     dropped_identical_text: int = 0
     tie_broken_randomly: int = 0
+    swapped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: int(getattr(self, f.name)) for f in fields(self)}
@@ -201,6 +242,7 @@ def build_pairs(
     min_gap: float = 0.0,
     rng: np.random.Generator | None = None,
     good_threshold: float = 6.0,
+    swap_prob: float = 0.0,
 ) -> tuple[list[Pair], PairStats]:
     """Build at most one preference pair per prompt.
 
@@ -212,6 +254,9 @@ def build_pairs(
             with a non-positive gap are never emitted.
         rng: draws for tie-breaking and ``best_random``; defaults to ``numpy.random.default_rng(0)``.
         good_threshold: ``math`` only: chosen must be correct with score strictly above this (0-10 scale).
+        swap_prob: null control: probability that a pair's chosen and rejected responses are exchanged (scores
+            stay in place, see the module docstring). Drawn from ``rng`` once per emitted pair, and only when
+            ``swap_prob > 0``, so 0 leaves every other draw (tie-breaking, ``best_random``) unchanged.
 
     Samples with a non-finite score are dropped first (``dropped_nonfinite_samples``). A prompt whose finite
     scores are all equal is dropped as all-tied for every strategy. In ``math`` samples with ``correct=None``
@@ -221,12 +266,15 @@ def build_pairs(
         ``(pairs, stats)``.
 
     Raises:
-        ValueError: unknown ``strategy`` (the message lists the valid ones) or a negative / non-finite ``min_gap``.
+        ValueError: unknown ``strategy`` (the message lists the valid ones), a negative / non-finite ``min_gap``,
+            or ``swap_prob`` outside [0, 1].
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown pair strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
     if not math.isfinite(min_gap) or min_gap < 0:
         raise ValueError(f"min_gap must be a finite number >= 0, got {min_gap!r}")
+    if not 0.0 <= swap_prob <= 1.0:  # also refuses NaN
+        raise ValueError(f"swap_prob must be in [0, 1], got {swap_prob!r}")
     if rng is None:
         rng = np.random.default_rng(0)
 
@@ -266,6 +314,11 @@ def build_pairs(
             stats.dropped_min_gap += 1
             continue
 
+        score_c, score_r = float(scores[c]), float(scores[r])
+        swapped = swap_prob > 0 and bool(rng.random() < swap_prob)
+        if swapped:
+            c, r = r, c
+        stats.swapped += int(swapped)
         sc, sr = group[c], group[r]
         pairs.append(
             Pair(
@@ -276,11 +329,12 @@ def build_pairs(
                 rejected=sr.response,
                 chosen_token_ids=list(sc.response_token_ids),
                 rejected_token_ids=list(sr.response_token_ids),
-                score_chosen=float(sc.score),
-                score_rejected=float(sr.score),
+                score_chosen=score_c,
+                score_rejected=score_r,
                 policy_version=min(int(sc.policy_version), int(sr.policy_version)),
                 chosen_correct=sc.correct,
                 rejected_correct=sr.correct,
+                swapped=swapped,
             )
         )
     stats.pairs = stats.prompts_with_pairs = len(pairs)

@@ -167,7 +167,7 @@ def test_task_accuracy_matches_an_independent_greedy_loop(random_tiny_dir):
                 if nxt == tok.eos_token_id:
                     break
         text = tok.decode(ids[len(encode_prompt(tok, p.text)) :], skip_special_tokens=True)
-        correct.append(is_correct(text, p.answer))
+        correct.append(is_correct(text, int(p.reference)))
         texts.append(text)
     assert [o["response"] for o in res["outputs"]] == texts
     assert [o["correct"] for o in res["outputs"]] == correct

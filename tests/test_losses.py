@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from omni_ray.losses import LossOutput, dpo_loss, odpo_margin, omni_dpo_loss, pop_loss, simpo_loss
+from omni_ray.losses import LossOutput, dpo_loss, odpo_margin, omni_dpo_loss, pop_loss, rft_loss, rpo_loss, simpo_loss
 
 
 def t(*values: float, grad: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -185,7 +185,54 @@ def test_odpo_is_margin_dpo_with_the_odpo_offset() -> None:
     assert_values(out.per_example, [neg_log_sig(0.5 - math.log(2.0)), neg_log_sig(0.25 - math.log(0.5))])
 
 
+def test_rpo_matches_hand_computed_values() -> None:
+    # DPO part as above (z = 0.5, 0.25); NLL = -pc / |y_w| = 1.0 / 2 and 2.0 / 5; alpha 0.5
+    out = rpo_loss(**dpo_batch(), chosen_lengths=t(2.0, 5.0), beta=0.5, alpha=0.5)
+    expected = [neg_log_sig(0.5) + 0.5 * 0.5, neg_log_sig(0.25) + 0.5 * 0.4]
+    assert_values(out.per_example, expected)
+    assert out.loss.item() == pytest.approx(sum(expected) / 2, rel=1e-12)
+    assert_values(out.stats["nll"], [0.5, 0.4])
+    assert_values(out.stats["preference_loss"], [neg_log_sig(0.5), neg_log_sig(0.25)])
+    assert_values(out.stats["reward_margin"], [0.5, 0.25])
+
+
+def test_rpo_gradient_adds_the_length_normalised_nll_to_dpo() -> None:
+    b = dpo_batch(grad=True)
+    rpo_loss(**b, chosen_lengths=t(2.0, 5.0), beta=0.5, alpha=0.5).per_example.sum().backward()
+    assert_values(b["policy_chosen"].grad, [-0.5 * sig(-0.5) - 0.5 / 2.0, -0.5 * sig(-0.25) - 0.5 / 5.0])
+    assert_values(b["policy_rejected"].grad, [0.5 * sig(-0.5), 0.5 * sig(-0.25)])
+
+
+def test_rft_trains_only_on_verified_chosen_responses() -> None:
+    pc = t(-0.5, -2.0, -1.0, grad=True)
+    out = rft_loss(pc, t(10.0, 9.9, 10.0), tau_good=10.0)
+    assert_values(out.per_example, [0.5, 0.0, 1.0])
+    assert out.loss.item() == pytest.approx(1.5 / 3, rel=1e-12)  # plain batch mean: the unverified pair counts as 0
+    assert_values(out.stats["nll_mask"], [1.0, 0.0, 1.0])
+    assert_values(out.stats["nll"], [0.5, 2.0, 1.0])
+    assert_values(out.stats["margin"], [0.0, 0.0, 0.0])
+    out.loss.backward()
+    assert_values(pc.grad, [-1 / 3, 0.0, -1 / 3])
+
+
+def test_rft_ignores_the_log_probs_of_unverified_pairs() -> None:
+    scores = t(10.0, 3.0, 10.0)
+    a = rft_loss(t(-0.5, -2.0, -1.0), scores, tau_good=10.0)
+    b = rft_loss(t(-0.5, -50.0, -1.0), scores, tau_good=10.0)
+    assert torch.equal(a.per_example, b.per_example)
+    none = rft_loss(t(-0.5, -2.0, -1.0), t(9.0, 3.0, 0.0), tau_good=10.0)
+    assert none.loss.item() == 0.0 and none.stats["nll_mask"].sum().item() == 0.0
+
+
 # ---------------------------------------------------------------- reductions
+
+
+def test_rpo_with_alpha_zero_is_dpo() -> None:
+    rpo = rpo_loss(**dpo_batch(), chosen_lengths=t(2.0, 5.0), beta=0.5, alpha=0.0)
+    dpo = dpo_loss(**dpo_batch(), beta=0.5)
+    torch.testing.assert_close(rpo.per_example, dpo.per_example, rtol=0, atol=0)
+    for key, value in dpo.stats.items():
+        torch.testing.assert_close(rpo.stats[key], value, rtol=0, atol=0)
 
 
 def test_omni_eta_zero_gives_quality_weight_of_exactly_one_half() -> None:
@@ -321,6 +368,14 @@ def test_omni_is_finite_with_gradients_for_extreme_log_probs(detach: bool, gamma
     _assert_finite(out, *b.values())
 
 
+def test_rpo_and_rft_are_finite_with_gradients_for_extreme_log_probs() -> None:
+    b = _extreme()
+    lengths = t(1.0, 1.0, 3.0, 3.0, dtype=torch.float32)
+    _assert_finite(rpo_loss(**b, chosen_lengths=lengths, beta=2.0, alpha=1.0), *b.values())
+    pc = t(1e4, -1e4, 1e4, -1e4, grad=True, dtype=torch.float32)
+    _assert_finite(rft_loss(pc, t(10.0, 10.0, 0.0, 10.0, dtype=torch.float32), tau_good=10.0), pc)
+
+
 def test_pop_is_finite_with_gradients_for_extreme_margins() -> None:
     strong = t(1e4, -1e4, 1e4, -1e4, grad=True, dtype=torch.float32)
     target = t(1e4, 1e4, -1e4, -1e4, dtype=torch.float32)
@@ -339,7 +394,14 @@ FUNCTIONS = {
     ),
     "pop_loss": (pop_loss, ["policy_margin_strong", "target_margin_weak"], {"beta": 0.1, "m_min": 0.0, "m_max": 10.0}),
     "odpo_margin": (odpo_margin, ["score_chosen", "score_rejected"], {"alpha": 1.0}),
+    "rpo_loss": (
+        rpo_loss,
+        ["policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_lengths"],
+        {"beta": 0.1, "alpha": 1.0},
+    ),
+    "rft_loss": (rft_loss, ["policy_chosen", "score_chosen"], {"tau_good": 10.0}),
 }
+PREFERENCE_LOSSES = [f for f in FUNCTIONS if f not in ("odpo_margin", "rft_loss")]
 ARGUMENTS = [(fn, arg) for fn, (_, args, _) in FUNCTIONS.items() for arg in args]
 
 
@@ -354,7 +416,8 @@ def test_every_loss_returns_frozen_output_with_detached_per_example_stats(fn: st
     out = _call(fn)
     assert isinstance(out, LossOutput)
     assert out.loss.shape == () and out.per_example.shape == (5,)
-    assert {"reward_margin", "accuracy", "margin"} <= out.stats.keys()
+    assert "margin" in out.stats  # the driver records every pair's margin
+    assert {"reward_margin", "accuracy"} <= out.stats.keys() or fn == "rft_loss"
     for value in out.stats.values():
         assert value.shape == (5,) and not value.requires_grad
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -400,7 +463,7 @@ def test_non_vector_input_raises(fn: str) -> None:
         _call(fn, {arg: torch.zeros(5, dtype=torch.long)})
 
 
-@pytest.mark.parametrize("fn", [f for f in FUNCTIONS if f != "odpo_margin"])
+@pytest.mark.parametrize("fn", PREFERENCE_LOSSES)
 @pytest.mark.parametrize("beta", [0.0, -1.0])
 def test_non_positive_beta_raises(fn: str, beta: float) -> None:
     with pytest.raises(ValueError, match=f"{fn}: beta must be > 0"):
@@ -418,8 +481,15 @@ def test_non_positive_beta_raises(fn: str, beta: float) -> None:
         ("omni_dpo_loss", {"tau_good": float("nan")}, "tau_good must be a finite number"),
         ("pop_loss", {"m_min": 5.0, "m_max": 1.0}, "m_min must be <= m_max"),
         ("odpo_margin", {"alpha": float("inf")}, "alpha must be a finite number"),
+        ("rpo_loss", {"alpha": -1.0}, "alpha must be >= 0"),
+        ("rft_loss", {"tau_good": float("nan")}, "tau_good must be a finite number"),
     ],
 )
 def test_invalid_hyperparameters_raise(fn: str, extra: dict, message: str) -> None:
     with pytest.raises(ValueError, match=f"{fn}: {message}"):
         _call(fn, **extra)
+
+
+def test_rpo_refuses_non_positive_lengths() -> None:
+    with pytest.raises(ValueError, match="rpo_loss: chosen_lengths must be > 0"):
+        _call("rpo_loss", {"chosen_lengths": t(1.0, 2.0, 0.0, 1.0, 1.0)})

@@ -176,3 +176,46 @@ def test_rescale_per_round_min_max_and_constant_midpoint():
     out = rescale_per_round(np.array([-3.0, 1.0, 5.0, np.inf]))
     assert out[:3].tolist() == [0.0, 5.0, 10.0] and out[3] == np.inf
     assert rescale_per_round([2.0, 2.0]).tolist() == [5.0, 5.0]
+
+
+def _many(n: int = 40) -> list[Sample]:
+    """n prompts, each with a clear best ("b", correct) and worst ("w"), plus a tie at the top for tie-breaking."""
+    out = []
+    for i in range(n):
+        out += [_s(f"p{i}", "b", 10.0, correct=True), _s(f"p{i}", "b2", 10.0, correct=True)]
+        out += [_s(f"p{i}", "w", 1.0, correct=False), _s(f"p{i}", "m", 5.0, correct=False)]
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["best_worst", "best_random"])
+def test_swap_prob_zero_changes_nothing_not_even_the_rng_stream(strategy):
+    default, stats_default = build_pairs(_many(), strategy=strategy, rng=np.random.default_rng(3))
+    zero, stats_zero = build_pairs(_many(), strategy=strategy, rng=np.random.default_rng(3), swap_prob=0.0)
+    assert zero == default and stats_zero == stats_default and stats_zero.swapped == 0
+    assert not any(p.swapped for p in zero)
+
+
+def test_swap_prob_one_swaps_every_pair_and_keeps_the_scores_in_place():
+    pairs, stats = build_pairs(_many(), rng=np.random.default_rng(3), swap_prob=1.0)
+    assert stats.swapped == stats.pairs == len(pairs) == 40
+    _check_accounting(stats)
+    for p in pairs:
+        assert p.swapped and p.rejected in ("b", "b2") and p.chosen == "w"
+        assert p.chosen_token_ids == [ord("w")] and p.rejected_token_ids == [ord(c) for c in p.rejected]
+        assert (p.chosen_correct, p.rejected_correct) == (False, True)  # correctness travels with the response
+        assert (p.score_chosen, p.score_rejected, p.gap) == (10.0, 1.0, 9.0)  # the learner sees an unswapped gap
+    assert pairs[0].to_record()["swapped"] is True
+
+
+def test_swap_prob_half_swaps_about_half_counts_them_and_is_seeded():
+    pairs, stats = build_pairs(_many(400), rng=np.random.default_rng(5), swap_prob=0.5)
+    assert stats.swapped == sum(p.swapped for p in pairs) == sum(p.chosen == "w" for p in pairs)
+    assert 150 < stats.swapped < 250
+    again, _ = build_pairs(_many(400), rng=np.random.default_rng(5), swap_prob=0.5)
+    assert again == pairs
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_swap_prob_outside_unit_interval_raises(bad):
+    with pytest.raises(ValueError, match="swap_prob must be in \\[0, 1\\]"):
+        build_pairs(_many(1), swap_prob=bad)

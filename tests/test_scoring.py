@@ -7,12 +7,15 @@ import pytest
 from omni_ray.config import ScorerSpec, ScoringConfig
 from omni_ray.scoring import (
     ArithVerifier,
+    MathVerifier,
     RewardModelScorer,
     Scorer,
     ScoreResult,
     ScoringService,
     WeightedScorer,
     build_scorer,
+    extract_final_answer,
+    math_answers_match,
 )
 
 
@@ -288,3 +291,90 @@ def test_python_scorer_that_cannot_be_imported_names_the_target():
 
     with pytest.raises(ValueError, match="no_such_module:fn"):
         ScoringService([ScorerSpec(type="python", target="no_such_module:fn")])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# math verifier: final answer vs reference answer
+
+
+@pytest.mark.parametrize(
+    ("response", "answer"),
+    [
+        ("So x = 3 and \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),  # braces nested inside the box
+        ("First \\boxed{4}, no: \\boxed{\\boxed{5}}", "5"),  # the last box wins, boxes inside boxes too
+        ("\\boxed{7} and then \\boxed{unclosed", "7"),  # a box cut off by max_new_tokens is not an answer
+        ("It is 3 + 4. The answer is: 1,234.", "1,234"),
+        ("The final answer is $\\dfrac{3}{4}$.", "\\dfrac{3}{4}"),
+        ("48/2 = 24 and 24 + 48 = 72\n#### 72", "72"),
+        ("I got 3, then 4.5 in the end", "4.5"),  # no marked answer: the last number
+        ("I do not know", None),
+    ],
+)
+def test_final_answer_is_the_last_box_else_the_stated_answer_else_the_last_number(response, answer):
+    assert extract_final_answer(response) == answer
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "same"),
+    [
+        ("72", "72.0", True),
+        ("1,234", "1234", True),
+        ("\\$5", "5", True),
+        ("3/4", "\\frac{3}{4}", True),
+        ("0.5", "\\dfrac{1}{2}", True),
+        ("-\\frac{6}{4}", "-1.5", True),
+        ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),  # symbolic: math-verify
+        ("\\text{Monday}", "monday", True),  # normalised strings
+        ("72", "73", False),
+        ("1/3", "0.33", False),
+        ("1/0", "1", False),
+    ],
+)
+def test_math_answers_match_numbers_fractions_and_expressions(predicted, reference, same):
+    assert math_answers_match(predicted, reference) is same
+
+
+def test_math_verifier_scores_ten_for_the_right_answer_and_zero_otherwise():
+    responses = [
+        "Adding: \\boxed{72}",  # boxed
+        "\\boxed{\\frac{1}{2}}",  # nested braces, fraction vs a decimal reference
+        "The answer is 3/4.",  # fraction vs \dfrac
+        "\\boxed{71}",  # wrong
+        "I cannot solve this.",  # no answer
+    ]
+    references = ["Natalia sold 48 + 24 = 72 clips.\n#### 72", "0.5", "\\dfrac{3}{4}", "72", "72"]
+    res = MathVerifier().score(["q"] * 5, responses, references)
+    assert res.scores.tolist() == [10.0, 10.0, 10.0, 0.0, 0.0]
+    assert res.correct.tolist() == [True, True, True, False, False] and res.scale == (0.0, 10.0)
+
+
+def test_math_verifier_without_references_names_the_scorer_and_the_item():
+    with pytest.raises(ValueError, match=r"math_verifier: no reference answers given \(items 0\.\.1"):
+        MathVerifier().score(["q", "q"], ["1", "2"])
+    with pytest.raises(ValueError, match="math_verifier: item 1 has no reference answer"):
+        MathVerifier().score(["q", "q"], ["1", "2"], ["1", None])
+    with pytest.raises(ValueError, match=r"math_verifier: no reference answers given \(items 0\.\.0"):
+        ScoringService([ScorerSpec(type="math_verifier")]).score(["q"], ["1"])
+
+
+def test_service_hands_references_only_to_scorers_that_need_them():
+    fixed = FixedScorer([1.0, 2.0, 3.0], (0.0, 10.0), name="fixed")  # a two-argument score(): unchanged
+    svc = ScoringService(fixed, "none")
+    assert not svc.needs_references
+    np.testing.assert_array_equal(svc.score(PROMPTS, RESPONSES, ["a", "b", "c"]).scores, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="2 references but 3 responses"):
+        svc.score(PROMPTS, RESPONSES, ["a", "b"])
+
+
+def test_weighted_scorer_passes_references_through_to_the_verifier():
+    w = build_scorer([{"type": "math_verifier", "weight": 1.0}, {"type": "arith_verifier", "weight": 1.0}])
+    assert isinstance(w, WeightedScorer) and w.needs_references
+    svc = ScoringService(w, "none")
+    assert svc.needs_references
+    res = svc.score(PROMPTS, ["3", "15", "x"], ["3", "16", "14"])  # the second reference disagrees with arith
+    np.testing.assert_allclose(res.scores, [10.0, 5.0, 0.0])
+    assert res.correct.tolist() == [True, False, False]  # the first member's check: math_verifier
+    with pytest.raises(ValueError, match="math_verifier: no reference answers"):
+        svc.score(PROMPTS, RESPONSES)
+    with pytest.raises(ValueError, match=r"scorers\[0\].*math_verifier"):
+        build_scorer([ScorerSpec(type="math_verifier", scale_high=1.0)])

@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
+from omni_ray.data import Prompt
+
 SCORE_SCALE = (0.0, 10.0)
 _ANSWER = re.compile(r"^\s*(-?\d+)")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    prompt_id: str
-    text: str
-    answer: int
 
 
 def prompt_text(a: int, b: int) -> str:
@@ -69,7 +63,7 @@ class ArithTask:
 
     def _prompt(self, code: int, prefix: str) -> Prompt:
         a, b = divmod(int(code), self.max_operand + 1)
-        return Prompt(prompt_id=f"{prefix}{a}+{b}", text=prompt_text(a, b), answer=a + b)
+        return Prompt(prompt_id=f"{prefix}{a}+{b}", text=prompt_text(a, b), reference=str(a + b))
 
     def eval_prompts(self) -> list[Prompt]:
         return [self._prompt(c, "eval:") for c in self._eval_codes]
@@ -83,4 +77,4 @@ class ArithTask:
     def sft_batch(self, rng: np.random.Generator, size: int) -> list[tuple[str, str]]:
         """(prompt, answer text) pairs for the warm-start SFT, from training problems only."""
         codes = rng.choice(self._train_codes, size=size)
-        return [(p.text, str(p.answer)) for p in (self._prompt(c, "") for c in codes)]
+        return [(p.text, p.reference) for p in (self._prompt(c, "") for c in codes)]

@@ -1,6 +1,7 @@
 """Offline preference data: (prompt, chosen, rejected, score_chosen, score_rejected) records from files or datasets.
 
-Sources (``load_preference_pairs(source)``):
+Sources (``load_preference_pairs(source)``; prompt datasets, prompts.py, read the same ones through
+:func:`read_rows`):
 
 - a ``.jsonl`` file (one JSON object per line; blank lines are ignored);
 - a ``.parquet`` file;
@@ -45,9 +46,13 @@ from typing import Any, Literal
 from omni_ray.pairs import Pair
 
 __all__ = [
+    "BadRow",
+    "DataSourceError",
     "PreferenceDataError",
     "PreferenceRecord",
     "load_preference_pairs",
+    "read_rows",
+    "row_label",
     "to_train_pairs",
 ]
 
@@ -55,8 +60,14 @@ _DATA_SUFFIXES = (".jsonl", ".parquet")
 _TOKEN_ID_FIELDS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 
 
-class PreferenceDataError(ValueError):
-    """Preference data that cannot be read as asked (message names the file, and the line or column)."""
+class DataSourceError(ValueError):
+    """A data file or dataset that cannot be read as asked (message names the file, and the line or column).
+
+    Raised by the row readers below, which prompt datasets (prompts.py) share with preference data.
+    """
+
+
+PreferenceDataError = DataSourceError  # the name preference-data callers catch; one class, one set of readers
 
 
 @dataclass
@@ -84,8 +95,8 @@ class PreferenceRecord:
         return self.score_chosen - self.score_rejected
 
 
-class _BadRow(Exception):
-    """A row that cannot be turned into a record (the message says why)."""
+class BadRow(Exception):
+    """A row that cannot be turned into a record (the message says why); the caller adds file and row number."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,13 +146,13 @@ def load_preference_pairs(
         "nonpositive_gap": 0,
     }
     records: list[PreferenceRecord] = []
-    for name, where, row in _rows(source, split, list(fields.values()), stats):
+    for name, where, row in read_rows(source, split, list(fields.values()), stats):
         stats["rows"] += 1
         try:
             rec = _record(row, fields, default_id=f"{Path(name).name}:{where}")
-        except _BadRow as exc:
+        except BadRow as exc:
             if on_bad_row == "raise":
-                raise PreferenceDataError(f"{name}: {_where_label(name)} {where}: {exc}") from None
+                raise DataSourceError(f"{name}: {row_label(name)} {where}: {exc}") from None
             stats["bad_rows"] += 1
             continue
         has_ids = rec.prompt_token_ids is not None  # a generated response may decode to "" and still be [EOS]
@@ -165,16 +176,22 @@ def load_preference_pairs(
     stats["records"] = len(records)
     if not records:
         counts = {k: v for k, v in stats.items() if k not in ("source", "files")}
-        raise PreferenceDataError(f"{source}: no usable preference pairs ({counts})")
+        raise DataSourceError(f"{source}: no usable preference pairs ({counts})")
     return records, stats
 
 
-def _where_label(name: str) -> str:
+def row_label(name: str) -> str:
+    """How a row is counted in messages: ``line`` in a .jsonl file (blank lines counted), else ``row``."""
     return "line" if name.endswith(".jsonl") else "row"
 
 
-def _rows(source: str | Path, split: str, required: list[str], stats: dict) -> Iterator[tuple[str, int, Any]]:
-    """(file or dataset name, 1-based line/row number, row) for every row of the source."""
+def read_rows(source: str | Path, split: str, required: list[str], stats: dict) -> Iterator[tuple[str, int, Any]]:
+    """(file or dataset name, 1-based line/row number, row) for every row of the source (module docstring).
+
+    A ``required`` column missing from the source raises :class:`DataSourceError` naming it and the columns there
+    are; a row that does not parse as JSON is yielded as a :class:`BadRow`, for the caller's ``on_bad_row`` rule.
+    ``stats["files"]`` (a list) gets every file or dataset read.
+    """
     path = Path(source).expanduser()
     if path.is_file():
         yield from _file_rows(path, required, stats)
@@ -184,13 +201,13 @@ def _rows(source: str | Path, split: str, required: list[str], stats: dict) -> I
             return
         files = _data_files(path, split)
         if not files:
-            raise PreferenceDataError(
+            raise DataSourceError(
                 f"{path}: no .jsonl / .parquet files and not a datasets.save_to_disk dir (no dataset_info.json)"
             )
         for f in files:
             yield from _file_rows(f, required, stats)
     elif isinstance(source, Path) or path.suffix in _DATA_SUFFIXES or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"preference data {source}: no such file or directory")
+        raise FileNotFoundError(f"data source {source}: no such file or directory")
     else:
         yield from _dataset_rows(_load_hub(str(source), split), str(source), required, stats)
 
@@ -202,7 +219,7 @@ def _file_rows(path: Path, required: list[str], stats: dict) -> Iterator[tuple[s
     elif path.suffix == ".parquet":
         yield from _parquet_rows(path, required)
     else:
-        raise PreferenceDataError(f"{path}: unsupported file type {path.suffix!r}; expected .jsonl or .parquet")
+        raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; expected .jsonl or .parquet")
 
 
 def _jsonl_rows(path: Path, required: list[str]) -> Iterator[tuple[str, int, Any]]:
@@ -214,7 +231,7 @@ def _jsonl_rows(path: Path, required: list[str]) -> Iterator[tuple[str, int, Any
             try:
                 row: Any = json.loads(line)
             except json.JSONDecodeError as exc:
-                row = _BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
+                row = BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
             if first and isinstance(row, dict):
                 first = False
                 _check_columns(str(path), list(row), required)
@@ -227,7 +244,7 @@ def _parquet_rows(path: Path, required: list[str]) -> Iterator[tuple[str, int, A
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a corrupt or non-parquet file
-        raise PreferenceDataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
+        raise DataSourceError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
     _check_columns(str(path), pf.schema_arrow.names, required)
     n = 0
     for batch in pf.iter_batches(batch_size=1024, columns=_present(pf.schema_arrow.names, required)):
@@ -252,7 +269,7 @@ def _dataset_rows(ds: Any, name: str, required: list[str], stats: dict) -> Itera
 def _check_columns(name: str, columns: Sequence[str], required: list[str]) -> None:
     for col in required:
         if col not in columns:
-            raise PreferenceDataError(f"{name}: missing column {col!r} (columns: {', '.join(map(str, columns))})")
+            raise DataSourceError(f"{name}: missing column {col!r} (columns: {', '.join(map(str, columns))})")
 
 
 def _data_files(root: Path, split: str) -> list[Path]:
@@ -271,10 +288,10 @@ def _load_from_disk(path: Path, split: str) -> Any:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:
-        raise PreferenceDataError(f"{path}: datasets.load_from_disk failed ({type(exc).__name__}: {exc})") from None
+        raise DataSourceError(f"{path}: datasets.load_from_disk failed ({type(exc).__name__}: {exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise PreferenceDataError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
+            raise DataSourceError(f"{path}: no split {split!r} (splits: {', '.join(ds)})")
         ds = ds[split]
     return ds
 
@@ -285,7 +302,7 @@ def _load_hub(name: str, split: str) -> Any:
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline: ConnectionError / OSError / DatasetNotFoundError, depending on the version
-        raise PreferenceDataError(
+        raise DataSourceError(
             f"could not load HF dataset {name!r} (split {split!r}): {type(exc).__name__}: {exc}. "
             "No such local file or dir either; offline (HF_HUB_OFFLINE=1), pass a .jsonl / .parquet file or a "
             "local dataset dir instead"
@@ -297,13 +314,13 @@ def _load_hub(name: str, split: str) -> Any:
 
 
 def _record(row: Any, fields: Mapping[str, str], *, default_id: str) -> PreferenceRecord:
-    if isinstance(row, _BadRow):
+    if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
-        raise _BadRow(f"expected a JSON object, got {type(row).__name__}")
+        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
     for key, col in fields.items():
         if col not in row:
-            raise _BadRow(f"no {col!r} field ({key})")
+            raise BadRow(f"no {col!r} field ({key})")
     token_ids = _token_ids(row)
     return PreferenceRecord(
         prompt_id=str(row["prompt_id"]) if row.get("prompt_id") is not None else default_id,
@@ -324,21 +341,21 @@ def _message_text(value: Any, role: str, col: str) -> str:
         return value
     if isinstance(value, list):
         return _last_message(value, role, col)
-    raise _BadRow(f"{col!r} must be a string or a message list, got {type(value).__name__}")
+    raise BadRow(f"{col!r} must be a string or a message list, got {type(value).__name__}")
 
 
 def _last_message(messages: list, role: str, col: str) -> str:
     for m in reversed(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise _BadRow(f"{col!r}: every message needs 'role' and 'content', got {str(m)[:80]!r}")
+            raise BadRow(f"{col!r}: every message needs 'role' and 'content', got {str(m)[:80]!r}")
         if m["role"] == role:
             content = m["content"]
             if content is None:
                 return ""
             if not isinstance(content, str):
-                raise _BadRow(f"{col!r}: {role} message content must be a string, got {type(content).__name__}")
+                raise BadRow(f"{col!r}: {role} message content must be a string, got {type(content).__name__}")
             return content
-    raise _BadRow(f"{col!r}: message list has no {role!r} message")
+    raise BadRow(f"{col!r}: message list has no {role!r} message")
 
 
 def _score(value: Any, col: str) -> float:
@@ -346,11 +363,11 @@ def _score(value: Any, col: str) -> float:
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _BadRow(f"{col!r} must be a number, got {type(value).__name__}")
+        raise BadRow(f"{col!r} must be a number, got {type(value).__name__}")
     try:
         return float(value)
     except ValueError:
-        raise _BadRow(f"{col!r} must be a number, got {value!r}") from None
+        raise BadRow(f"{col!r} must be a number, got {value!r}") from None
 
 
 def _token_ids(row: dict) -> dict[str, list[int] | None]:

@@ -77,6 +77,14 @@ class LearnerGroup:
     def save_pretrained(self, path: str) -> str:
         return self._all("save_pretrained", path)[0]
 
+    def save_state(self, path: str) -> None:
+        """Optimizer, scheduler, ZeRO shards, EMA, RNG and step counter (see `LearnerWorker.save_state`)."""
+        self._all("save_state", path)
+
+    def load_state(self, path: str) -> int:
+        """Restore what `save_state` wrote; returns the optimizer step the learner continues from."""
+        return self._all("load_state", path)[0]
+
     def parameter_checksums(self) -> list[float]:
         return self._all("parameter_checksum")
 

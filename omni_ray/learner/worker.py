@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -207,6 +206,7 @@ class LearnerWorker:
             score_chosen=torch.tensor([p.score_chosen for p in pairs], device=self.device),
             score_rejected=torch.tensor([p.score_rejected for p in pairs], device=self.device),
             target_margin=target,
+            chosen_lengths=lc,
         )
         out = self.objective(batch)
         self.engine.backward(out.loss)
@@ -272,19 +272,49 @@ class LearnerWorker:
         return None if state is None else serialize_state_dict(state)
 
     def save_pretrained(self, path: str) -> str | None:
-        """HF `save_pretrained` layout of the current policy plus the tokenizer (rank 0 writes; collective)."""
+        """HF `save_pretrained` layout of the current policy plus the tokenizer into `path` (rank 0 writes;
+        collective). Atomicity is the caller's: checkpoints are staged and committed by omni_ray/checkpoint.py."""
         state = self.export_state_dict()
         if state is None:
             return None
         from transformers import AutoTokenizer
 
-        tmp = Path(path + ".tmp")
-        self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
-        if Path(path).exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
         return path
+
+    # ------------------------------------------------------------------------------------------------------------
+    # training state (exact resume)
+
+    def save_state(self, path: str) -> None:
+        """Everything exact resume needs beyond the policy weights (collective: every rank writes its shards).
+
+        DeepSpeed's own checkpoint holds the module, the (ZeRO-partitioned) optimizer and the LR scheduler; the
+        step counter and torch RNG ride in its client state; the EMA target goes to `ema.safetensors` (rank 0;
+        every rank holds the same copy). The frozen reference is not saved: it is the model dir, or under
+        `ref_update=per_round` it is re-copied from the policy at the start of the next round anyway.
+        """
+        from safetensors.torch import save_model
+
+        client = {"global_step": self.global_step, "torch_rng": torch.get_rng_state()}
+        self.engine.save_checkpoint(path, tag="learner", client_state=client, save_latest=False)
+        if self.ema is not None and self.rank == 0:
+            save_model(self.ema, str(Path(path) / "ema.safetensors"))
+
+    def load_state(self, path: str) -> int:
+        """Inverse of `save_state`; returns the restored optimizer step (collective)."""
+        from safetensors.torch import load_model
+
+        load_path, client = self.engine.load_checkpoint(
+            path, tag="learner", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed learner state under {path}")
+        self.global_step = int(client["global_step"])
+        torch.set_rng_state(client["torch_rng"])
+        if self.ema is not None:
+            load_model(self.ema, str(Path(path) / "ema.safetensors"))
+        return self.global_step
 
     def parameter_checksum(self) -> float:
         """Sum of all parameters (collective): ranks that agree on weights report the same number."""

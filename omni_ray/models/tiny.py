@@ -89,8 +89,11 @@ def build_model(
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Prompt token ids as every role sees them: BOS + characters (no EOS)."""
-    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    """Prompt token ids as every role sees them: BOS + the text's tokens (no EOS). A text that already starts with the
+    BOS token (a chat template's output) keeps its own."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
 
 def sft_warm_start(

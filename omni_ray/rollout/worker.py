@@ -249,6 +249,10 @@ def make_backend(
     raise ValueError(f"unknown rollout backend {backend!r}; expected 'auto', 'vllm' or 'hf'")
 
 
+class StaleWeightsError(RuntimeError):
+    """The worker holds another policy version than the caller expects (e.g. it was restarted from the model dir)."""
+
+
 class RolloutWorker:
     """Samples completions from the current policy and accepts new policy weights.
 
@@ -318,12 +322,17 @@ class RolloutWorker:
         top_p: float = 1.0,
         max_new_tokens: int,
         seed: int,
+        expect_version: int | None = None,
     ) -> list[list[Completion]]:
         """n completions per prompt (a list per prompt, in prompt order).
 
         Greedy when temperature == 0 (the n completions are then identical). Same seed + same weights + same
         prompts -> same outputs; see the backend docstrings for what the engines guarantee beyond that.
+        `expect_version`: refuse (StaleWeightsError) unless this worker holds that policy version, so a worker that
+        Ray restarted from the model dir never answers with the wrong weights.
         """
+        if expect_version is not None and expect_version != self.policy_version:
+            raise StaleWeightsError(f"holds policy version {self.policy_version}, the driver expects {expect_version}")
         return self._backend.generate(
             prompt_token_ids, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )

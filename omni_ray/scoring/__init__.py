@@ -8,12 +8,15 @@ from omni_ray.scoring.remote import HttpScorer, RemoteScorerError
 from omni_ray.scoring.scorers import (
     RESCALE_MODES,
     ArithVerifier,
+    MathVerifier,
     RewardModelScorer,
     Scorer,
     ScoreResult,
     ScoringService,
     WeightedScorer,
     build_scorer,
+    extract_final_answer,
+    math_answers_match,
 )
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "ArithVerifier",
     "HttpScorer",
     "JudgeScorer",
+    "MathVerifier",
     "PopJudge",
     "RemoteScorerError",
     "RewardModelScorer",
@@ -29,7 +33,9 @@ __all__ = [
     "ScoringService",
     "WeightedScorer",
     "build_scorer",
+    "extract_final_answer",
     "judge_comparisons",
+    "math_answers_match",
     "parse_choice",
     "parse_rating",
 ]

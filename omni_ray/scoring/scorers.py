@@ -8,6 +8,8 @@ scores live on; :class:`ScoringService` keeps the raw scores (pairs are built an
 the peers' "filtered on a shaped reward" bug) and maps them to the configured range for the loss.
 
 - :class:`ArithVerifier`: the built-in task's rule verifier (exact answer check + partial-credit quality, 0-10).
+- :class:`MathVerifier`: final answer of a response vs the prompt's reference answer (10 or 0); it sets
+  ``needs_references``, so :class:`ScoringService` hands it the references (``Prompt.reference``).
 - :class:`RewardModelScorer`: an HF sequence-classification reward model (one logit) over ``prompt + response``.
 - :class:`WeightedScorer`: a weighted mean of several scorers, each first mapped from its own scale to a common one.
 - ``HttpScorer`` (remote.py): a remote reward endpoint, JSON over HTTP with timeout, retries and backoff.
@@ -21,10 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +42,15 @@ from omni_ray.pairs import rescale_per_round, rescale_scores
 __all__ = [
     "RESCALE_MODES",
     "ArithVerifier",
+    "MathVerifier",
     "RewardModelScorer",
     "ScoreResult",
     "Scorer",
     "ScoringService",
     "WeightedScorer",
     "build_scorer",
+    "extract_final_answer",
+    "math_answers_match",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,10 +128,16 @@ class Scorer(ABC):
 
     Anything with these three attributes works where a scorer is expected (duck typing); subclassing just documents
     the contract. ``score`` must return one score per response, aligned with the inputs.
+
+    A scorer that checks responses against ground truth sets ``needs_references = True`` and takes a third argument,
+    ``score(prompts, responses, references)``: one reference answer (or None) per item. Only those scorers get
+    references (see :func:`_score_with`), so every other scorer, including user scorers, keeps its two-argument
+    ``score``.
     """
 
     name: str = "scorer"
     scale: tuple[float, float] = SCORE_SCALE
+    needs_references: bool = False
 
     @abstractmethod
     def score(self, prompts: list[str], responses: list[str]) -> ScoreResult:
@@ -136,6 +150,15 @@ class Scorer(ABC):
 def _check_inputs(prompts: Sequence[str], responses: Sequence[str]) -> None:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: they must be aligned one to one")
+
+
+def _score_with(
+    scorer: Scorer, prompts: list[str], responses: list[str], references: Sequence[str | None] | None
+) -> ScoreResult:
+    """Call ``scorer``, passing the references only to a scorer that declares ``needs_references``."""
+    if getattr(scorer, "needs_references", False):
+        return scorer.score(prompts, responses, references)  # type: ignore[call-arg]
+    return scorer.score(prompts, responses)
 
 
 def _check_result(name: str, result: Any, n: int) -> ScoreResult:
@@ -191,6 +214,153 @@ class ArithVerifier(Scorer):
             scores[i] = quality(r, answer)
             correct[i] = is_correct(r, answer)
         return ScoreResult(scores=scores, correct=correct, scale=self.scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# math verifier (reference answers)
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# "the answer is X" / GSM8K's "#### X": X is a $...$ or \(...\) span, else the next run of non-space characters.
+_MARKED = re.compile(r"(?:answer\s+is|####)\s*:?\s*(\$[^$\n]+\$|\\\(.+?\\\)|\\?\$?[^\s$]+)", re.IGNORECASE)
+_LAST_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_DECIMAL = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_SLASH_FRACTION = re.compile(r"(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)")
+_LATEX_FRACTION = re.compile(r"(-?)\\[dt]?frac(?:\{(-?\d+)\}\{(-?\d+)\}|(\d)(\d))")
+_DELIMITERS = (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def _clean(answer: str) -> str | None:
+    """Strip math delimiters, surrounding space and trailing punctuation; None when nothing is left."""
+    a = answer.strip()
+    for left, right in _DELIMITERS:
+        if len(a) >= len(left) + len(right) and a.startswith(left) and a.endswith(right):
+            a = a[len(left) : -len(right)].strip()
+    a = a.rstrip(".,;:!").strip()
+    return a or None
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` (nested braces matched), None when there is none."""
+    for m in reversed(list(_BOXED.finditer(text))):
+        depth = 1
+        for i in range(m.end(), len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[m.end() : i]
+    return None
+
+
+def _marked_answer(text: str) -> str | None:
+    """An answer the text marks as final: the last ``\\boxed{}``, else the last "answer is X" / "#### X"."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return _clean(boxed)
+    marked = _MARKED.findall(text)
+    return _clean(marked[-1]) if marked else None
+
+
+def extract_final_answer(response: str) -> str | None:
+    """A response's final answer: the last ``\\boxed{...}``, else "answer is X" / "#### X", else the last number."""
+    marked = _marked_answer(response)
+    if marked is not None:
+        return marked
+    numbers = _LAST_NUMBER.findall(response)
+    return numbers[-1] if numbers else None
+
+
+def reference_answer(reference: str) -> str:
+    """The answer in a reference: a marked one when it is a worked solution (MATH, GSM8K), else the whole text.
+
+    No last-number fallback here: a bare reference such as ``\\frac{1}{2}`` is the answer itself.
+    """
+    return _marked_answer(reference) or _clean(reference) or reference
+
+
+def _as_number(answer: str) -> Fraction | None:
+    """An exact number for integers, decimals, thousands commas, ``$`` amounts, ``a/b`` and ``\\frac`` / ``\\dfrac``.
+
+    Exact rationals keep "0.5" == "1/2" == "\\frac{1}{2}" and "1,000" == "1000" cheap: most math-set answers are
+    plain numbers, and only the rest pay for the symbolic comparison.
+    """
+    s = re.sub(r"\\?\$|\\[!,;]|\s|\{,\}", lambda m: "," if m.group() == "{,}" else "", answer)
+    try:
+        if m := _LATEX_FRACTION.fullmatch(s):
+            num, den = (m.group(2), m.group(3)) if m.group(2) is not None else (m.group(4), m.group(5))
+            value = Fraction(int(num), int(den))
+            return -value if m.group(1) else value
+        if m := _SLASH_FRACTION.fullmatch(s):
+            return Fraction(m.group(1)) / Fraction(m.group(2))
+        if _DECIMAL.fullmatch(s):
+            return Fraction(s.replace(",", ""))
+    except ZeroDivisionError:
+        return None
+    return None
+
+
+def _normalised(answer: str) -> str:
+    """Case, spacing, ``\\text{}`` / ``\\left`` / ``\\right`` / ``\\dfrac`` and degree signs made uniform."""
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", answer)
+    s = re.sub(r"\\(?:left|right|displaystyle)|\\[!,;: ]|\^\{?\\circ\}?|\s", "", s)
+    return s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".").lower()
+
+
+def _symbolically_equal(predicted: str, reference: str) -> bool:
+    """HF math-verify's LaTeX / expression parsing and sympy comparison (sqrt, pi, intervals, sets, equations).
+
+    Its time limits use SIGALRM, which only works in the main thread (where a Ray actor runs its calls); elsewhere
+    they are off rather than making every comparison fail.
+    """
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold = parse(f"${reference}$", extraction_config=configs, parsing_timeout=limit)
+    pred = parse(f"${predicted}$", extraction_config=configs, parsing_timeout=limit)
+    return bool(gold and pred and verify(gold, pred, timeout_seconds=limit))
+
+
+def math_answers_match(predicted: str, reference: str) -> bool:
+    """Whether two final answers agree: as exact numbers when both are numbers, else as normalised strings, else
+    symbolically (math-verify)."""
+    p, r = _as_number(predicted), _as_number(reference)
+    if p is not None and r is not None:
+        return p == r
+    return _normalised(predicted) == _normalised(reference) or _symbolically_equal(predicted, reference)
+
+
+class MathVerifier(Scorer):
+    """A response's final answer (:func:`extract_final_answer`) checked against the prompt's reference answer.
+
+    ``scores`` = 10 when it matches (:func:`math_answers_match`), else 0, also when the response states no answer;
+    ``correct`` = the same check. The reference may be a bare answer or a worked solution whose marked answer
+    (``\\boxed{}``, ``#### X``) is used. Every item needs one: a missing reference raises rather than scoring 0,
+    which would teach the policy that a right answer is wrong.
+    """
+
+    name = "math_verifier"
+    scale = SCORE_SCALE
+    needs_references = True
+
+    def score(
+        self, prompts: list[str], responses: list[str], references: Sequence[str | None] | None = None
+    ) -> ScoreResult:
+        """10 / 0 per response; ValueError naming the item when its reference is missing."""
+        _check_inputs(prompts, responses)
+        n = len(responses)
+        if references is None:
+            raise ValueError(
+                f"{self.name}: no reference answers given (items 0..{n - 1} have none); it needs the prompt "
+                "dataset's answer column (data.answer_column)"
+            )
+        if len(references) != n:
+            raise ValueError(f"{self.name}: {len(references)} references for {n} responses")
+        correct = np.zeros(n, dtype=bool)
+        for i, (response, reference) in enumerate(zip(responses, references, strict=True)):
+            if reference is None or not str(reference).strip():
+                raise ValueError(f"{self.name}: item {i} has no reference answer (data.answer_column)")
+            answer = extract_final_answer(response)
+            correct[i] = answer is not None and math_answers_match(answer, reference_answer(str(reference)))
+        return ScoreResult(scores=np.where(correct, SCORE_SCALE[1], SCORE_SCALE[0]), correct=correct, scale=self.scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -362,7 +532,8 @@ class WeightedScorer(Scorer):
     Mapping before averaging is what makes the weights mean what they say: a verifier on 0-1 and a reward model on
     -5..5 would otherwise be mixed in arbitrary units. The combination's declared scale is ``target``; a NaN from
     any member makes that response's combined score NaN (it is dropped and counted downstream, not averaged away).
-    ``correct`` is taken from the first member that reports one.
+    ``correct`` is taken from the first member that reports one. It needs references when any member does, and
+    passes them to those members only.
     """
 
     def __init__(
@@ -378,10 +549,13 @@ class WeightedScorer(Scorer):
         self.scorers = list(scorers)
         self.weights = w / w.sum()
         self.scale = _as_range("WeightedScorer target", target)
+        self.needs_references = any(getattr(s, "needs_references", False) for s in self.scorers)
         parts = [f"{s.name}*{float(x):g}" for s, x in zip(self.scorers, w, strict=True)]
         self.name = "weighted(" + ", ".join(parts) + ")"
 
-    def score(self, prompts: list[str], responses: list[str]) -> ScoreResult:
+    def score(
+        self, prompts: list[str], responses: list[str], references: Sequence[str | None] | None = None
+    ) -> ScoreResult:
         """Each member scores, is rescaled to the common target, then the normalised weighted sum is taken."""
         _check_inputs(prompts, responses)
         n = len(responses)
@@ -389,7 +563,7 @@ class WeightedScorer(Scorer):
         correct: np.ndarray | None = None
         unparseable = 0
         for scorer, w in zip(self.scorers, self.weights, strict=True):
-            res = _check_result(scorer.name, scorer.score(prompts, responses), n)
+            res = _check_result(scorer.name, _score_with(scorer, prompts, responses, references), n)
             total += w * rescale_scores(res.scores, scale=tuple(scorer.scale), target=self.scale)
             unparseable += int(res.unparseable)
             if correct is None and res.correct is not None:
@@ -434,12 +608,12 @@ def build_scorer(
 ) -> Scorer:
     """The scorer a ``scoring.scorers`` list describes: one spec gives that scorer, several a WeightedScorer.
 
-    Types: ``arith_verifier``, ``reward_model`` (``path``), ``python`` (``target``), ``http`` (``url``, see
-    :mod:`omni_ray.scoring.remote`) and ``judge`` (``path``, ``template``, see :mod:`omni_ray.scoring.judge`).
-    A spec's ``batch_size`` (when > 0) overrides the ``batch_size`` argument.
+    Types: ``arith_verifier``, ``math_verifier``, ``reward_model`` (``path``), ``python`` (``target``), ``http``
+    (``url``, see :mod:`omni_ray.scoring.remote`) and ``judge`` (``path``, ``template``, see
+    :mod:`omni_ray.scoring.judge`). A spec's ``batch_size`` (when > 0) overrides the ``batch_size`` argument.
 
-    An ``arith_verifier`` spec must keep the verifier's own scale (0-10): declaring another one would make every
-    rescale downstream wrong, so it is refused rather than silently ignored.
+    A verifier spec must keep the verifier's own scale (0-10): declaring another one would make every rescale
+    downstream wrong, so it is refused rather than silently ignored.
     """
     if not specs:
         raise ValueError("scoring.scorers is empty: at least one scorer is needed")
@@ -448,13 +622,13 @@ def build_scorer(
     for i, raw in enumerate(specs):
         spec = _spec(raw)
         declared = _as_range(f"scoring.scorers[{i}] scale", (spec.scale_low, spec.scale_high))
-        if spec.type == "arith_verifier":
+        if spec.type in ("arith_verifier", "math_verifier"):
             if declared != tuple(float(v) for v in SCORE_SCALE):
                 raise ValueError(
-                    f"scoring.scorers[{i}]: arith_verifier scores on {SCORE_SCALE}, but scale_low/scale_high declare "
+                    f"scoring.scorers[{i}]: {spec.type} scores on {SCORE_SCALE}, but scale_low/scale_high declare "
                     f"{declared}; leave them at {SCORE_SCALE[0]:g}/{SCORE_SCALE[1]:g}"
                 )
-            scorers.append(ArithVerifier())
+            scorers.append(ArithVerifier() if spec.type == "arith_verifier" else MathVerifier())
         elif spec.type == "reward_model":
             if not spec.path:
                 raise ValueError(f"scoring.scorers[{i}].path: a reward_model scorer needs a model dir")
@@ -528,6 +702,11 @@ class ScoringService:
         """The scale of the ``scores`` this service returns (after rescaling)."""
         return self.declared_scale if self.rescale == "none" else self.target
 
+    @property
+    def needs_references(self) -> bool:
+        """Whether ``score`` must be given a reference answer per item (a ``math_verifier`` is configured)."""
+        return bool(getattr(self.scorer, "needs_references", False))
+
     def info(self) -> dict[str, Any]:
         """What is scoring and on which scales (for the run's log / config echo)."""
         return {
@@ -537,12 +716,22 @@ class ScoringService:
             "scale": list(self.scale),
         }
 
-    def score(self, prompts: list[str], responses: list[str]) -> ScoreResult:
-        """Score, validate the count, rescale; raw scores, non-finite count and busy time ride along."""
+    def score(
+        self, prompts: list[str], responses: list[str], references: Sequence[str | None] | None = None
+    ) -> ScoreResult:
+        """Score, validate the count, rescale; raw scores, non-finite count and busy time ride along.
+
+        ``references`` (one reference answer or None per item, aligned with the responses) reach only scorers that
+        need them (:attr:`needs_references`); others ignore them, so a caller may always pass them.
+        """
         t0 = time.perf_counter()
         prompts, responses = list(prompts), list(responses)
         _check_inputs(prompts, responses)
-        res = _check_result(self.scorer.name, self.scorer.score(prompts, responses), len(responses))
+        if references is not None:
+            references = list(references)
+            if len(references) != len(responses):
+                raise ValueError(f"{len(references)} references but {len(responses)} responses: they must be aligned")
+        res = _check_result(self.scorer.name, _score_with(self.scorer, prompts, responses, references), len(responses))
         raw = res.scores.copy()
         if self.rescale == "none":
             scores = raw.copy()

@@ -1,0 +1,122 @@
+"""Exact resume: a driver killed with SIGKILL during round 2 and rerun with `run.resume=auto` trains on exactly the
+prompts, in the same order, and to exactly the pairs of an uninterrupted run of the same seed; a truncated checkpoint
+is detected and the previous one used, with a message saying so.
+
+Each run is a real `omni-ray train` process with its own local Ray cluster (started by the driver), so SIGKILL to its
+process group takes the driver and the cluster down together, as a preempted node would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROUNDS = 3
+
+
+def _command(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "omni_ray.cli", "train", "configs/local_tiny.yaml",
+        f"run.output_dir={out}", f"run.name={name}", f"run.rounds={ROUNDS}", f"model.path={model_dir}",
+        "data.prompts_per_round=64", "data.eval_prompts=32", "rollout.samples_per_prompt=4",
+        "learner.batch_size=16", "learner.epochs=1", "ray.num_cpus=2", *extra,
+    ]  # fmt: skip
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _pairs(run: Path, r: int) -> list[dict]:
+    keys = ("prompt_id", "chosen", "rejected", "score_chosen", "score_rejected")
+    lines = (run / "rounds" / f"round_{r:04d}" / "pairs.jsonl").read_text().splitlines()
+    return [{k: json.loads(line)[k] for k in keys} for line in lines]
+
+
+def _round_records(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "round"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    _run(_command(out, tiny_model_dir, "straight"))
+    return out / "straight"
+
+
+@pytest.mark.integration
+def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterrupted, tmp_path, tiny_model_dir):
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _command(tmp_path, tiny_model_dir, "killed"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        # Round 1's checkpoint committed (its manifest is written last) means round 2 is under way.
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "round_0001" / "manifest.json").is_file():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.2)
+        time.sleep(0.5)  # into round 2: generating or training
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run / "checkpoints" / "round_0002").exists(), "the kill came too late to test a mid-round resume"
+
+    out = _run(_command(tmp_path, tiny_model_dir, "killed", "run.resume=auto")).stdout
+    assert "resumed from" in out and "round_0001" in out
+
+    for r in range(1, ROUNDS + 1):
+        assert _pairs(run, r) == _pairs(uninterrupted, r), f"round {r} trained on different pairs"
+    # Each round is logged once, with the same held-out accuracy as the uninterrupted run.
+    resumed, straight = _round_records(run), _round_records(uninterrupted)
+    assert [r["round"] for r in resumed] == list(range(1, ROUNDS + 1))
+    assert [r["eval_accuracy"] for r in resumed] == [r["eval_accuracy"] for r in straight]
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == ROUNDS
+
+
+@pytest.mark.integration
+def test_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp_path, tiny_model_dir):
+    import shutil
+
+    run = tmp_path / "straight"
+    shutil.copytree(uninterrupted, run)
+    newest = run / "checkpoints" / f"round_{ROUNDS:04d}" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+
+    out = _run(_command(tmp_path, tiny_model_dir, "straight", "run.resume=auto")).stdout
+    assert f"round_{ROUNDS:04d} is unusable" in out and f"resuming from round_{ROUNDS - 1:04d}" in out
+    # Round 3 was trained again from round 2's state: the same pairs as the first time.
+    assert _pairs(run, ROUNDS) == _pairs(uninterrupted, ROUNDS)
+    assert [r["round"] for r in _round_records(run)] == list(range(1, ROUNDS + 1))
+
+
+@pytest.mark.integration
+def test_resume_of_a_finished_run_trains_nothing_and_says_so(uninterrupted, tmp_path, tiny_model_dir):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "straight")
+    out = _run(_command(tmp_path, tiny_model_dir, "straight", "run.resume=auto")).stdout
+    assert f"has completed {ROUNDS} of run.rounds={ROUNDS} rounds: nothing to train" in out
+
+
+@pytest.mark.integration
+def test_resume_with_another_seed_is_refused_naming_the_key(uninterrupted, tmp_path, tiny_model_dir):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "straight")
+    proc = subprocess.run(_command(tmp_path, tiny_model_dir, "straight", "run.resume=auto", "run.seed=5"),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode != 0
+    assert "seed=0, the config says 5" in proc.stdout + proc.stderr
