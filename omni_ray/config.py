@@ -274,6 +274,9 @@ class LoggingConfig:
     console: bool = _f(True, help="print the per-round table")
     tensorboard: bool = _f(False, help="also write TensorBoard event files to runs/<name>/tensorboard/")
     sample_rows: int = _f(8, ge=0, help="pairs per round shown in the W&B samples table")
+    progress: str = _f(
+        "auto", choices=("auto", "always", "never"), help="a progress bar of rounds and stages; auto: on a terminal"
+    )
 
 
 @dataclass
@@ -493,6 +496,10 @@ def validate(cfg: OmniRayConfig) -> None:
         )
     if cfg.scoring.rescale_high <= cfg.scoring.rescale_low:
         raise ConfigError("scoring.rescale_high must be > scoring.rescale_low")
+    if cfg.pipeline.mode == "async" and cfg.data.source == "preferences":
+        raise ConfigError(
+            "pipeline.mode=async overlaps sampling with training; data.source=preferences samples nothing"
+        )
     if cfg.learner.batch_size % cfg.learner.num_workers:
         raise ConfigError(
             f"learner.batch_size ({cfg.learner.batch_size}) must divide by learner.num_workers "

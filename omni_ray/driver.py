@@ -16,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,8 @@ class Driver:
         )
         self.policy_version = 0
         self.global_step = 0
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omni-ray-prefetch")
+        self._prefetched: Future | None = None  # async mode: the next round's (pairs, metrics) being produced
         self.initial_eval: dict | None = None  # round-0 eval (run() sets it; checkpoints carry it for resume)
         self.fault_counts: dict[str, int] = {}  # actor failures survived, per role (a round row's `faults_*`)
 
@@ -254,7 +257,9 @@ class Driver:
     # ---------------------------------------------------------------------------------------------------------------
     # stages
 
-    def _generate(self, ids: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
+    def _generate(
+        self, ids: list[list[int]], *, n: int, temperature: float, seed: int, version: int
+    ) -> list[list[Any]]:
         """Prompt token ids split over the rollout workers; per prompt, n completions (token ids kept).
 
         A shard whose worker dies (or comes back from a restart with the model dir's weights) is retried on the same
@@ -272,7 +277,7 @@ class Driver:
                 top_p=rc.top_p,
                 max_new_tokens=rc.max_new_tokens,
                 seed=seed + j,
-                expect_version=self.policy_version,
+                expect_version=version,
             )
 
         parts = self._get_with_retries(
@@ -341,7 +346,7 @@ class Driver:
     def evaluate(self) -> dict:
         """Greedy accuracy on the fixed held-out prompts."""
         t0 = time.perf_counter()
-        comps = self._generate(self.eval_ids, n=1, temperature=0.0, seed=0)
+        comps = self._generate(self.eval_ids, n=1, temperature=0.0, seed=0, version=self.policy_version)
         res = self._score([p.text for p in self.eval_set], [c[0].text for c in comps],
                           [p.reference for p in self.eval_set])  # fmt: skip
         acc = float(np.mean(res.correct)) if res.correct is not None else math.nan
@@ -362,13 +367,32 @@ class Driver:
             raise LearnerGroupError(f"{exc}. The run stopped in round {r + 1}; {where}; rerun with run.resume=auto "
                                     "to continue") from exc  # fmt: skip
 
+    def _round_pairs(self, r: int, version: int) -> tuple[list[Pair], dict[str, Any]]:
+        """Round r's pairs and their metrics: sampled by policy `version` (online) or read from the dataset."""
+        row: dict[str, Any] = {}
+        if self.cfg.data.source == "preferences":
+            return self._offline_pairs(row), row
+        return self._online_pairs(r, row, version), row
+
     def _run_round(self, r: int) -> dict:
         cfg = self.cfg
         row: dict[str, Any] = {"round": r + 1}
         t_round = time.perf_counter()
-        pairs = self._offline_pairs(row) if cfg.data.source == "preferences" else self._online_pairs(r, row)
+        self.tracker.stage(r + 1, "generate + score")
+        if self._prefetched is not None:  # async: sampled and scored while the previous round trained
+            pairs, part = self._prefetched.result(timeout=cfg.rollout.timeout_s + cfg.scoring.timeout_s)
+            self._prefetched = None
+        else:
+            pairs, part = self._round_pairs(r, self.policy_version)
+        row.update(part)
+        row["policy_lag"] = self.policy_version - part.get("policy_version_sampled", self.policy_version)
+        if cfg.pipeline.mode == "async" and r + 1 < cfg.run.rounds:
+            # One policy version off: round r+1 samples from the weights round r trains from; the rollout actors run
+            # those calls first, then the weight load this round ends with (Ray runs an actor's calls in order).
+            self._prefetched = self._prefetcher.submit(self._round_pairs, r + 1, self.policy_version)
 
         t0 = time.perf_counter()
+        self.tracker.stage(r + 1, "PoP")
         if self.pop is not None and pairs:
             texts = [(p.prompt, p.chosen, p.rejected) for p in pairs] if cfg.pop.labels == "judge" else None
             sc = cfg.scoring
@@ -392,6 +416,7 @@ class Driver:
             self._write_pairs(r, pairs, {})
         else:
             t0 = time.perf_counter()
+            self.tracker.stage(r + 1, f"train ({len(items)} pairs)")
             result = self.learner.train_round(
                 RoundData(pairs=[_train_pair(p) for p in pairs], items=items, round_index=r)
             )
@@ -407,6 +432,7 @@ class Driver:
             self.tracker.log_distributions(dists, records, step=self.global_step)
 
             t0 = time.perf_counter()
+            self.tracker.stage(r + 1, "weight sync")
             self.policy_version += 1
             if self.colocation is not None:
                 self.colocation.wake(["weights"])
@@ -422,6 +448,7 @@ class Driver:
                 self.colocation.wake(["kv_cache"])
             row["time_sync"] = time.perf_counter() - t0
 
+        self.tracker.stage(r + 1, "eval")
         ev = self.evaluate()
         row.update(eval_accuracy=ev["accuracy"], eval_reward_mean=ev["reward_mean"], time_eval=ev["time_eval"])
         if self.fault_counts:
@@ -429,14 +456,17 @@ class Driver:
             self.fault_counts = {}
         if cfg.run.save_checkpoints:
             t0 = time.perf_counter()
+            self.tracker.stage(r + 1, "checkpoint")
             self._save_checkpoint(r + 1)
             row["time_checkpoint"] = time.perf_counter() - t0
         row["time_round"] = time.perf_counter() - t_round
         return row
 
-    def _online_pairs(self, r: int, row: dict) -> list[Pair]:
-        """Generate -> score -> pair: round r's preference pairs from the current policy."""
+    def _online_pairs(self, r: int, row: dict, version: int) -> list[Pair]:
+        """Generate -> score -> pair: round r's preference pairs from policy `version` (the current one in sync mode,
+        the previous one in async mode)."""
         cfg = self.cfg
+        row["policy_version_sampled"] = version
         prompts, ids, prompt_stats = self._encode(self.task.train_prompts(r, cfg.data.prompts_per_round))
         row.update(prompt_stats)
 
@@ -446,6 +476,7 @@ class Driver:
             n=cfg.rollout.samples_per_prompt,
             temperature=cfg.rollout.temperature,
             seed=cfg.run.seed * 1_000_003 + r * 1009,
+            version=version,
         )
         row["time_generate"] = time.perf_counter() - t0
         row["generated_tokens"] = sum(len(c.token_ids) for cs in comps for c in cs)
@@ -455,7 +486,7 @@ class Driver:
         flat = [(p, i, c) for p, i, cs in zip(prompts, ids, comps) for c in cs]
         res = self._score([p.text for p, _, _ in flat], [c.text for _, _, c in flat], [p.reference for p, _, _ in flat])
         row["time_score"] = time.perf_counter() - t0
-        samples = scored_samples(flat, res.scores, res.correct, policy_version=self.policy_version)
+        samples = scored_samples(flat, res.scores, res.correct, policy_version=version)
         rng = np.random.default_rng([cfg.run.seed, 17, r])
         pairs, pstats = build_pairs(
             samples,
@@ -576,6 +607,7 @@ class Driver:
         if done >= cfg.run.rounds:
             print(f"[omni-ray] {self.run_dir} has completed {done} of run.rounds={cfg.run.rounds} rounds: nothing to "
                   "train (raise run.rounds to continue it)", flush=True)  # fmt: skip
+        self.tracker.start_progress(cfg.run.rounds, done)
         for r in range(done, cfg.run.rounds):
             row = self.run_round(r)
             self.tracker.log("round", row, step=self.global_step)
@@ -607,6 +639,7 @@ class Driver:
 
     def close(self) -> None:
         """Stop every role's actors (a driver inside a long-lived cluster must not leak them) and the sinks."""
+        self._prefetcher.shutdown(wait=False, cancel_futures=True)
         for actor in [*getattr(self, "rollout", []), getattr(self, "scorer", None), getattr(self, "pop", None)]:
             if actor is not None:
                 ray.kill(actor)

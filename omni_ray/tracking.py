@@ -53,6 +53,7 @@ class Tracker:
         self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a")
         self._header_printed = False
+        self._bar: Any = None  # tqdm over rounds, only on a terminal (jobs and pipes get the round table alone)
         self.wandb = None
         self.tensorboard = None
         if cfg.wandb.mode != "disabled":
@@ -108,17 +109,38 @@ class Tracker:
             for k, v in values.items():
                 self.tensorboard.add_histogram(f"dist/{k}", np.asarray(v), step)
 
+    def start_progress(self, rounds: int, done: int) -> None:
+        """A bar over the run's rounds that names the running stage (`logging.progress`: auto = only on a TTY)."""
+        on = self.cfg.progress == "always" or (self.cfg.progress == "auto" and sys.stdout.isatty())
+        if on and done < rounds:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=rounds, initial=done, unit="round", dynamic_ncols=True, leave=False)
+
+    def stage(self, round_number: int, name: str) -> None:
+        """Which stage of which round is running: the bar's label (no-op without a bar)."""
+        if self._bar is not None:
+            self._bar.set_description_str(f"round {round_number}: {name}")
+
+    def _print(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line)  # above the bar, which is redrawn below it
+        else:
+            print(line, file=sys.stdout, flush=True)
+
     def round_row(self, row: dict) -> None:
-        if not self.cfg.console:
-            return
-        widths = [max(len(h), len(f.format(0) if "d" in f else f.format(0.0))) for _, h, f in ROUND_COLUMNS]
-        if not self._header_printed:
-            print(" ".join(h.rjust(w) for (_, h, _), w in zip(ROUND_COLUMNS, widths)), flush=True)
-            self._header_printed = True
-        cells = [_cell(f, row.get(k), w) for (k, _, f), w in zip(ROUND_COLUMNS, widths)]
-        print(" ".join(cells), file=sys.stdout, flush=True)
+        if self.cfg.console:
+            widths = [max(len(h), len(f.format(0) if "d" in f else f.format(0.0))) for _, h, f in ROUND_COLUMNS]
+            if not self._header_printed:
+                self._print(" ".join(h.rjust(w) for (_, h, _), w in zip(ROUND_COLUMNS, widths)))
+                self._header_printed = True
+            self._print(" ".join(_cell(f, row.get(k), w) for (k, _, f), w in zip(ROUND_COLUMNS, widths)))
+        if self._bar is not None and row.get("round", 0) > 0:
+            self._bar.update(1)
 
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
         self._file.close()
         if self.wandb is not None:
             self.wandb.finish()

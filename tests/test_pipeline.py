@@ -146,3 +146,21 @@ def test_prompt_dataset_source_feeds_reference_answers_to_the_math_verifier(ray_
     ids = [{p["prompt_id"] for p in _read_jsonl(tmp_path / "prompts" / "rounds" / f"round_{r:04d}" / "pairs.jsonl")}
            for r in (1, 2)]  # fmt: skip
     assert not ids[0] & ids[1], "no prompt repeats within an epoch"
+
+
+@pytest.mark.integration
+def test_async_pipeline_samples_each_round_one_policy_version_behind(ray_local, tmp_path, tiny_model_dir):
+    """pipeline.mode=async: round r+1 is generated and scored while round r trains, so from round 2 on every pair
+    comes from the policy before the previous round's update (policy_lag 1), and the run still completes."""
+    from omni_ray.driver import train
+
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=3", "run.name=async", "pipeline.mode=async")
+    summary = train(cfg)
+    assert summary["rounds_completed"] == 3
+    rounds = [r for r in _read_jsonl(tmp_path / "async" / "metrics.jsonl") if r["kind"] == "round"]
+    assert [r["policy_lag"] for r in rounds] == [0, 1, 1]
+    assert [r["policy_version_sampled"] for r in rounds] == [0, 0, 1]
+    for r, version in ((1, 0), (2, 0), (3, 1)):
+        pairs = _read_jsonl(tmp_path / "async" / "rounds" / f"round_{r:04d}" / "pairs.jsonl")
+        assert pairs and {p["policy_version"] for p in pairs} == {version}
+        assert all(p["prompt_id"].startswith(f"r{r - 1}:") for p in pairs)

@@ -71,3 +71,26 @@ def test_tensorboard_sink_writes_scalars_and_histograms(tmp_path):
     acc.Reload()
     assert [e.value for e in acc.Scalars("step/loss")] == pytest.approx([0.5, 0.4])
     assert "dist/w_perf" in acc.Tags()["histograms"]
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_progress_bar_names_the_stage_and_keeps_the_round_table(tmp_path, capsys, mode):
+    cfg = load_config(None, ["logging.wandb.mode=disabled", f"logging.progress={mode}"])
+    tracker = Tracker(tmp_path, cfg.logging, {}, "t")
+    tracker.start_progress(rounds=3, done=1)
+    tracker.stage(2, "train (512 pairs)")
+    tracker.round_row({"round": 2, "eval_accuracy": 0.5})
+    tracker.close()
+    out, err = capsys.readouterr()
+    assert "acc" in out and "0.500" in out  # the round table is printed either way
+    assert ("round 2: train (512 pairs)" in err) == (mode == "always")
+    assert ("1/3" in err) == (mode == "always")  # resumed runs start the bar at the rounds already done
+
+
+def test_progress_auto_draws_no_bar_when_stdout_is_not_a_terminal(tmp_path, capsys):
+    cfg = load_config(None, ["logging.wandb.mode=disabled"])
+    tracker = Tracker(tmp_path, cfg.logging, {}, "t")
+    tracker.start_progress(rounds=3, done=0)
+    tracker.stage(1, "generate + score")
+    tracker.close()
+    assert "generate" not in capsys.readouterr().err
