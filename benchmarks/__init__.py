@@ -1,0 +1,1 @@
+"""Benchmarks of omni-ray (issue #7): one script per benchmark, see docs/benchmarks.md."""
