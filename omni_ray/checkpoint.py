@@ -118,14 +118,14 @@ def commit(staging: Path, final_dir: Path, meta: dict[str, Any]) -> Path:
     return final_dir
 
 
-def verify(ckpt: Path) -> dict[str, Any]:
+def verify(ckpt: Path, checksums: bool = True) -> dict[str, Any]:
     """Check `ckpt` against its manifest and return the committed `meta`; raise CheckpointError on any mismatch.
 
     Checked: the manifest exists, parses and has this module's format; every listed file exists as a regular file
-    with the listed size (all sizes first: a truncation is found without hashing GBs) and sha256; and no file exists
-    that the manifest does not list. Extra files are an error because a checkpoint dir is never written after its
-    commit, and loaders read dirs by listing (HF shard globs, DeepSpeed tags): an unlisted file could change what
-    gets loaded without any checksum having vouched for it.
+    with the listed size (all sizes first: a truncation is found without hashing GBs) and, with `checksums`,
+    sha256; and no file exists that the manifest does not list. Extra files are an error because a checkpoint dir is
+    never written after its commit, and loaders read dirs by listing (HF shard globs, DeepSpeed tags): an unlisted
+    file could change what gets loaded without any checksum having vouched for it.
     """
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
@@ -142,6 +142,8 @@ def verify(ckpt: Path) -> dict[str, Any]:
     for rel in _walk(ckpt):
         if rel != MANIFEST and rel not in listed:
             raise CheckpointError(ckpt, rel, "is not in the manifest: written after the commit")
+    if not checksums:
+        return manifest["meta"]
     for rel, entry in listed.items():
         _, digest = _hash_file(ckpt / rel, fsync=False)
         if digest != entry["sha256"]:
@@ -184,11 +186,13 @@ def latest_good(root: Path, log: Callable[[str], None] = print) -> tuple[Path, d
 def prune(root: Path, keep: int) -> list[Path]:
     """Delete every `round_NNNN` older than the `keep`-th newest good checkpoint; returns what was deleted.
 
-    Checkpoints are verified newest first until `keep` good ones are found; with fewer than `keep` good ones nothing
-    is deleted, so the newest good checkpoint (and an only good one) always survives, whatever is corrupt. Older
-    unusable ones go too (a newer good one supersedes them); unusable ones newer than the kept set stay for
-    inspection. The price is reading up to `keep` checkpoints per call. Each doomed dir is renamed aside before
-    removal, so a kill mid-delete leaves no half-deleted `round_NNNN`.
+    Checkpoints are checked newest first until `keep` good ones are found; with fewer than `keep` good ones nothing
+    is deleted, so the newest good checkpoint (and an only good one) always survives a partial or interrupted write.
+    Older unusable ones go too (a newer good one supersedes them); unusable ones newer than the kept set stay for
+    inspection. "Good" here is the manifest, the file list and the sizes, not the checksums: prune runs after every
+    round's commit, and re-hashing `keep` checkpoints of a 7B policy each round would cost minutes of disk reads to
+    guard against bit rot within a round or two; `latest_good` still hashes everything before a resume. Each doomed
+    dir is renamed aside before removal, so a kill mid-delete leaves no half-deleted `round_NNNN`.
     """
     if keep < 1:
         raise ValueError(f"keep={keep}: at least the newest good checkpoint must be kept")
@@ -196,7 +200,7 @@ def prune(root: Path, keep: int) -> list[Path]:
     good = 0
     for i, ckpt in enumerate(rounds):
         try:
-            verify(ckpt)
+            verify(ckpt, checksums=False)
         except CheckpointError:
             continue
         good += 1

@@ -412,9 +412,16 @@ def rpo_loss(
     )
     if alpha < 0:
         raise ValueError(f"{fn}: alpha must be >= 0, got {alpha!r}")
-    dpo = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
+    chosen_reward, rejected_reward = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    preference_loss = -F.logsigmoid(chosen_reward - rejected_reward)
     nll = -policy_chosen / chosen_lengths.to(policy_chosen)
-    return _output(dpo.per_example + alpha * nll, **dpo.stats, preference_loss=dpo.per_example, nll=nll)
+    return _output(
+        preference_loss + alpha * nll,
+        **_reward_stats(chosen_reward, rejected_reward),
+        margin=torch.zeros_like(preference_loss),
+        preference_loss=preference_loss,
+        nll=nll,
+    )
 
 
 def rft_loss(policy_chosen: Tensor, score_chosen: Tensor, *, tau_good: float) -> LossOutput:

@@ -102,8 +102,8 @@ def plot_run(run: str | Path, out: str | Path | None = None, *, title: str | Non
     out_path = Path(out) if out is not None else m.path.parent / "plot.png"
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     fig.suptitle(title or f"omni-ray run: {m.path.parent.name}")
-    _accuracy_panel(axes[0, 0], m)
-    _reward_panel(axes[0, 1], m)
+    _eval_and_train_panel(axes[0, 0], m, "accuracy", "accuracy", "sample_accuracy")
+    _eval_and_train_panel(axes[0, 1], m, "reward (mean score)", "reward_mean", "reward_mean")
     _loss_panel(axes[0, 2], m)
     for ax, key in zip(axes[1], WEIGHT_KEYS):
         _distribution_panel(ax, m, key)
@@ -118,35 +118,20 @@ def _empty(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def _accuracy_panel(ax: Any, m: RunMetrics) -> None:
-    ax.set_title("held-out accuracy (greedy)")
-    acc = {r: rec.get("accuracy") for r, rec in m.evals.items()}
-    acc.update({r: rec.get("eval_accuracy") for r, rec in m.rounds.items()})
-    xs = sorted(r for r, v in acc.items() if _is_num(v))
-    if xs:
-        ax.plot(xs, [acc[r] for r in xs], marker="o", label="eval accuracy")
-    xs_s, ys_s = _series(m.rounds, "sample_accuracy")
-    if xs_s:
-        ax.plot(xs_s, ys_s, marker="s", linestyle="--", label="train sample accuracy")
-    if not (xs or xs_s):
-        _empty(ax, "accuracy")
-    else:
-        ax.legend(fontsize=8)
-    ax.set_xlabel("round")
-
-
-def _reward_panel(ax: Any, m: RunMetrics) -> None:
-    ax.set_title("reward (mean score)")
-    xs, ys = _series(m.rounds, "reward_mean")
-    ev = {r: rec.get("reward_mean") for r, rec in m.evals.items()}
-    ev.update({r: rec.get("eval_reward_mean") for r, rec in m.rounds.items()})
+def _eval_and_train_panel(ax: Any, m: RunMetrics, title: str, key: str, train_key: str) -> None:
+    """Held-out (greedy) `key` per round, from eval records and rounds' `eval_<key>`, beside the train samples'
+    `train_key`."""
+    ax.set_title(title)
+    ev = {r: rec.get(key) for r, rec in m.evals.items()}
+    ev.update({r: rec.get(f"eval_{key}") for r, rec in m.rounds.items()})
     xe = sorted(r for r, v in ev.items() if _is_num(v))
-    if xs:
-        ax.plot(xs, ys, marker="o", label="train samples")
+    xs, ys = _series(m.rounds, train_key)
     if xe:
-        ax.plot(xe, [ev[r] for r in xe], marker="s", linestyle="--", label="eval (greedy)")
-    if not (xs or xe):
-        _empty(ax, "reward")
+        ax.plot(xe, [ev[r] for r in xe], marker="o", label="eval (greedy)")
+    if xs:
+        ax.plot(xs, ys, marker="s", linestyle="--", label="train samples")
+    if not (xe or xs):
+        _empty(ax, title)
     else:
         ax.legend(fontsize=8)
     ax.set_xlabel("round")

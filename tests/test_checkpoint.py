@@ -325,6 +325,19 @@ def test_prune_never_deletes_the_only_good_checkpoint(tmp_path):
     assert latest_good(tmp_path, log=lambda m: None)[0] == tmp_path / "round_0003"
 
 
+def test_prune_checks_sizes_without_hashing_so_each_round_reads_no_checkpoint_bytes(tmp_path, monkeypatch):
+    for r in (1, 2, 3):
+        make_ckpt(tmp_path, r)
+    (tmp_path / "round_0003" / "driver_state.json").write_text("x")  # truncated: prune must not count it as good
+
+    def no_hashing(path, fsync):
+        raise AssertionError(f"prune hashed {path}")
+
+    monkeypatch.setattr("omni_ray.checkpoint._hash_file", no_hashing)
+    assert prune(tmp_path, keep=1) == [tmp_path / "round_0001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0002", "round_0003"]
+
+
 def test_prune_refuses_to_keep_nothing(tmp_path):
     make_ckpt(tmp_path, 1)
     with pytest.raises(ValueError, match="keep=0"):
