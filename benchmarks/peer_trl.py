@@ -1,7 +1,7 @@
 """omni-ray against TRL's online DPO trainer, side by side on the same machine in the same run.
 
     .venv/bin/pip install -e '.[bench]'                   # TRL, pinned (pyproject's `bench` extra)
-    .venv/bin/python benchmarks/peer_trl.py --quick       # small budgets, both workloads (~5 min + model build)
+    .venv/bin/python benchmarks/peer_trl.py --quick       # small budgets, both workloads (< 5 min + model build)
     .venv/bin/python benchmarks/peer_trl.py               # the full budgets
 
 Both sides get the same model, task, training prompts (the same prompt list, from omni-ray's own prompt stream),
@@ -63,14 +63,17 @@ def workloads(quick: bool) -> dict[str, Workload]:
         return {
             "tiny": Workload("tiny", prompts=256, rounds=2, batch=16, lr=5e-6, beta=0.1, max_new_tokens=6,
                              eval_prompts=500),
-            "gen": Workload("gen", prompts=16, rounds=2, batch=8, lr=5e-6, beta=0.1, max_new_tokens=64,
-                            eval_prompts=20, sft_steps=60),
+            # gen: one optimizer step's worth (8 prompts, 16 completions): TRL's HF generation of 64-token
+            # completions on the 50M model is most of the quick mode's time, at ~2-4 s per completion on 2 cores.
+            "gen": Workload("gen", prompts=8, rounds=1, batch=8, lr=5e-6, beta=0.1, max_new_tokens=64,
+                            eval_prompts=10, sft_steps=60),
         }  # fmt: skip
     return {
         "tiny": Workload("tiny", prompts=2048, rounds=4, batch=32, lr=5e-6, beta=0.1, max_new_tokens=6,
                          eval_prompts=500),
-        "gen": Workload("gen", prompts=256, rounds=4, batch=16, lr=5e-6, beta=0.1, max_new_tokens=64,
-                        eval_prompts=100, sft_steps=60),
+        # gen: 128 completions, about 8 minutes of TRL's HF generation on 2 cores.
+        "gen": Workload("gen", prompts=64, rounds=2, batch=16, lr=5e-6, beta=0.1, max_new_tokens=64,
+                        eval_prompts=50, sft_steps=60),
     }  # fmt: skip
 
 

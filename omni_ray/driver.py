@@ -45,7 +45,7 @@ from omni_ray.placement import (
 from omni_ray.pop import PopEstimator
 from omni_ray.rollout.worker import RolloutWorker, StaleWeightsError
 from omni_ray.scoring import ScoringService
-from omni_ray.tracking import Tracker
+from omni_ray.tracking import Tracker, busy_between
 from omni_ray.weight_sync import BroadcastWeightSync, push_weights
 
 
@@ -148,6 +148,7 @@ class Driver:
         self._prefetched: Future | None = None  # async mode: the next round's (pairs, metrics) being produced
         self.initial_eval: dict | None = None  # round-0 eval (run() sets it; checkpoints carry it for resume)
         self.fault_counts: dict[str, int] = {}  # actor failures survived, per role (a round row's `faults_*`)
+        self._busy_seen: list[dict[str, float]] | None = None  # the actors' BusyClock totals at the last read
 
     def _prompt_source(self) -> ArithTask | PromptDataset:
         """Where prompts come from: the built-in arith task, or a prompt dataset (`data.source=prompts`). Offline
@@ -459,8 +460,18 @@ class Driver:
             self.tracker.stage(r + 1, "checkpoint")
             self._save_checkpoint(r + 1)
             row["time_checkpoint"] = time.perf_counter() - t0
+        row.update({f"busy_{k}": v for k, v in self._actors_busy().items()})
         row["time_round"] = time.perf_counter() - t_round
         return row
+
+    def _actors_busy(self) -> dict[str, float]:
+        """Seconds per stage that the rollout workers (generate, sync), the scorer (score) and the PoP estimator
+        (pop) were busy since the previous call, measured inside them (BusyClock; parallel rollout workers count as
+        their slowest). The learner reports its own busy time with each round's result."""
+        actors = [*self.rollout, self.scorer, *([self.pop] if self.pop is not None else [])]
+        now = ray.get([a.busy.remote() for a in actors], timeout=self.cfg.rollout.timeout_s)
+        before, self._busy_seen = self._busy_seen or [{}] * len(now), now
+        return busy_between(before, now)
 
     def _online_pairs(self, r: int, row: dict, version: int) -> list[Pair]:
         """Generate -> score -> pair: round r's preference pairs from policy `version` (the current one in sync mode,
@@ -578,8 +589,10 @@ class Driver:
         self.policy_version = int(state["policy_version"])
         self.initial_eval = state["initial_eval"]
         if self.policy_version > 0:
-            for j in range(len(self.rollout)):
-                self._restore_rollout(j)
+            # Fresh workers hold the model dir's weights: one export, one push to all of them (object store, as in
+            # _restore_rollout, since the checkpoint's policy lives in the learner, not in any NCCL round yet).
+            push_weights(self.rollout, self.learner.export_weights_ref(), version=self.policy_version,
+                         timeout_s=self.cfg.sync.timeout_s)  # fmt: skip
         print(f"[omni-ray] resumed from {path} (round {state['round']} done, optimizer step {self.global_step})",
               flush=True)  # fmt: skip
         return int(state["round"])
@@ -604,6 +617,7 @@ class Driver:
             self.tracker.log("eval", {"round": 0, **self.initial_eval})
             ev = self.initial_eval
             self.tracker.round_row({"round": 0, "eval_accuracy": ev["accuracy"], "time_eval": ev["time_eval"]})
+        self._actors_busy()  # round 1's busy times start here, after start-up and the initial eval
         if done >= cfg.run.rounds:
             print(f"[omni-ray] {self.run_dir} has completed {done} of run.rounds={cfg.run.rounds} rounds: nothing to "
                   "train (raise run.rounds to continue it)", flush=True)  # fmt: skip
@@ -621,6 +635,7 @@ class Driver:
         """From metrics.jsonl's round records, so a resumed run's summary covers the rounds of every process."""
         rows = [r for r in _read_metrics(self.run_dir / "metrics.jsonl") if r.get("kind") == "round"]
         stage_keys = sorted({k for row in rows for k in row if k.startswith("time_")})
+        busy_keys = sorted({k for row in rows for k in row if k.startswith("busy_")})
         last = rows[-1] if rows else None
         return {
             "run_name": self.cfg.run.name,
@@ -632,6 +647,7 @@ class Driver:
             "wall_s": wall_s,
             "startup_s": startup_s,
             "stage_time_s": {k[5:]: float(sum(r.get(k, 0.0) for r in rows)) for k in stage_keys},
+            "busy_s": {k[5:]: float(sum(r.get(k, 0.0) for r in rows)) for k in busy_keys},
             "rollout_backend": self.rollout_backend,
             "loss": self.cfg.loss.name,
             "resumed_from": str(self.resume_from[0]) if self.resume_from else None,

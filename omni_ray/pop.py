@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from omni_ray.tracking import BusyClock
+
 __all__ = [
     "POP_STRATEGIES",
     "PopEstimator",
@@ -362,6 +364,7 @@ class PopEstimator:
             raise ValueError(f"unknown PoP label source {labels!r}; valid: gap, judge")
         self.target, self.strategy, self.k, self.label_noise = target, strategy, k, label_noise
         self.m_min, self.m_max, self.seed = m_min, m_max, seed
+        self.clock = BusyClock()
         self.labels = labels
         self.judge: Any = None
         if labels == "judge":
@@ -410,6 +413,16 @@ class PopEstimator:
         ``pairs`` (needed with ``labels=judge``, ignored otherwise): per gap, the pair's ``(prompt, chosen,
         rejected)`` texts or an object with those attributes (``omni_ray.pairs.Pair``).
         """
+        with self.clock.timing("pop"):
+            return self._training_items(gaps, round_index, pairs)
+
+    def busy(self) -> dict[str, float]:
+        """Seconds spent building training items (and judging, with labels=judge) since start-up."""
+        return self.clock.totals()
+
+    def _training_items(
+        self, gaps: Sequence[float], round_index: int, pairs: Sequence[Any] | None
+    ) -> tuple[list[tuple[int, int, float]], dict]:
         rng = np.random.default_rng([self.seed, 13, round_index])
         kw = dict(strategy=self.strategy, k=self.k, label_noise=self.label_noise, rng=rng)
         if self.labels == "judge":

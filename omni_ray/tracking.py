@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,41 @@ def _cell(fmt: str, value: Any, width: int) -> str:
 
 def _scalars(record: dict) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+class BusyClock:
+    """Seconds an actor has spent inside its work, per stage, since it started (measured in the actor itself).
+
+    The driver reads `totals()` from every actor at the end of each round; `busy_between` turns two reads into the
+    busy time within that round's wall time, whatever the round overlapped (async prefetch, eval).
+    """
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def totals(self) -> dict[str, float]:
+        return dict(self._seconds)
+
+
+def busy_between(before: Sequence[dict[str, float]], after: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per stage, the largest busy time any one actor accrued between two `BusyClock.totals()` reads (actor i's
+    read is `before[i]` / `after[i]`). The largest, not the sum: parallel actors (rollout workers on their shards)
+    share the wall time, and the slowest one bounds the stage. A total that went down belongs to an actor Ray
+    restarted in between, whose clock began again at zero: its whole new total counts."""
+    out: dict[str, float] = {}
+    for old, new in zip(before, after, strict=True):
+        for stage, total in new.items():
+            spent = total - old.get(stage, 0.0)
+            out[stage] = max(out.get(stage, 0.0), spent if spent >= 0 else total)
+    return out
 
 
 class Tracker:

@@ -446,7 +446,8 @@ def rollout_open(
 
 
 def rollout_receive(worker: Any, wire_buckets: list[list[list[Any]]], version: int) -> int:
-    _engine(worker).receive_broadcast(wire_buckets)
+    with worker.clock.timing("sync"):
+        _engine(worker).receive_broadcast(wire_buckets)
     worker.policy_version = int(version)
     return worker.policy_version
 

@@ -47,8 +47,15 @@ def test_two_round_pipeline_writes_the_run_layout(ray_local, tmp_path, tiny_mode
     assert 0.0 <= summary["final_eval"]["accuracy"] <= 1.0
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 2
     assert (run / "config.yaml").read_text().count("rounds: 2") == 1
-    kinds = [r["kind"] for r in _read_jsonl(run / "metrics.jsonl")]
+    records = _read_jsonl(run / "metrics.jsonl")
+    kinds = [r["kind"] for r in records]
     assert kinds.count("round") == 2 and kinds.count("step") >= 2
+    # Busy time measured inside every role's actors, for every stage, within the round's wall time.
+    stages = ("generate", "score", "sync", "reference", "train")
+    for row in (r for r in records if r["kind"] == "round"):
+        assert all(0.0 < row[f"busy_{s}"] < row["time_round"] for s in stages), row
+        assert row["busy_generate"] <= row["time_generate"] + row["time_eval"]  # eval generates too
+    assert set(stages) <= set(summary["busy_s"])
     for r in (1, 2):
         pairs = _read_jsonl(run / "rounds" / f"round_{r:04d}" / "pairs.jsonl")
         assert pairs, "every round with samples writes its pairs"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from omni_ray.config import load_config
-from omni_ray.tracking import Tracker
+from omni_ray.tracking import BusyClock, Tracker, busy_between
 
 
 def _exercise(tracker: Tracker) -> None:
@@ -94,3 +94,27 @@ def test_progress_auto_draws_no_bar_when_stdout_is_not_a_terminal(tmp_path, caps
     tracker.stage(1, "generate + score")
     tracker.close()
     assert "generate" not in capsys.readouterr().err
+
+
+def test_busy_clock_accumulates_per_stage_and_counts_a_call_that_raised():
+    clock = BusyClock()
+    with clock.timing("generate"):
+        sum(range(10_000))
+    with pytest.raises(RuntimeError), clock.timing("generate"):
+        raise RuntimeError("engine died")
+    with clock.timing("sync"):
+        pass
+    first = clock.totals()
+    assert set(first) == {"generate", "sync"} and first["generate"] > 0.0
+    with clock.timing("generate"):
+        sum(range(10_000))
+    assert clock.totals()["generate"] > first["generate"] and clock.totals()["sync"] == first["sync"]
+
+
+def test_busy_between_takes_the_slowest_actor_per_stage_and_restarts_from_zero():
+    before = [{"generate": 10.0, "sync": 1.0}, {"generate": 4.0}, {}]
+    after = [{"generate": 13.0, "sync": 1.5}, {"generate": 2.5}, {"score": 0.7}]
+    # worker 0: 3.0 s; worker 1 went back (restarted): its new 2.5 s; the scorer's first read counts whole.
+    assert busy_between(before, after) == {"generate": 3.0, "sync": 0.5, "score": 0.7}
+    with pytest.raises(ValueError):
+        busy_between(before, after[:2])

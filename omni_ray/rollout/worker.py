@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from omni_ray.tracking import BusyClock
 from omni_ray.weight_sync import blob_tensor_names
 
 logger = logging.getLogger(__name__)
@@ -297,6 +298,7 @@ class RolloutWorker:
         )
         self.backend_name: str = self._backend.name
         self.policy_version = 0
+        self.clock = BusyClock()  # "generate" (train samples and eval), "sync" (weight loads)
         self.startup_s = time.perf_counter() - t0
 
     @property
@@ -333,16 +335,18 @@ class RolloutWorker:
         """
         if expect_version is not None and expect_version != self.policy_version:
             raise StaleWeightsError(f"holds policy version {self.policy_version}, the driver expects {expect_version}")
-        return self._backend.generate(
-            prompt_token_ids, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
-        )
+        with self.clock.timing("generate"):
+            return self._backend.generate(
+                prompt_token_ids, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+            )
 
     def load_weights(self, blob: bytes, version: int | None = None) -> int:
         """Load new policy weights (safetensors bytes of an HF state dict); returns the new policy version.
 
         `version` is the learner's version number; without it the worker's counter is incremented.
         """
-        self._backend.load_weights(blob)
+        with self.clock.timing("sync"):
+            self._backend.load_weights(blob)
         self.policy_version = self.policy_version + 1 if version is None else int(version)
         return self.policy_version
 
@@ -350,6 +354,10 @@ class RolloutWorker:
         """`load_weights` from a safetensors file (the disk sync strategy; needs a filesystem shared with the
         learner)."""
         return self.load_weights(Path(path).read_bytes(), version)
+
+    def busy(self) -> dict[str, float]:
+        """Seconds spent generating and loading weights since start-up (`BusyClock.totals`)."""
+        return self.clock.totals()
 
     def close(self) -> None:
         """Shut the engine down (frees vLLM's process group, so the process can start another engine)."""

@@ -38,6 +38,7 @@ import numpy as np
 from omni_ray.config import ScorerSpec, ScoringConfig
 from omni_ray.data.arith import SCORE_SCALE, answer_of, is_correct, quality
 from omni_ray.pairs import rescale_per_round, rescale_scores
+from omni_ray.tracking import BusyClock
 
 __all__ = [
     "RESCALE_MODES",
@@ -691,6 +692,7 @@ class ScoringService:
         self.rescale = rescale
         self.scorer: Scorer = specs if hasattr(specs, "score") else build_scorer(specs, **build_kwargs)  # type: ignore[arg-type]
         self.declared_scale = _as_range(f"scorer {self.scorer.name!r} scale", self.scorer.scale)
+        self.clock = BusyClock()
 
     @classmethod
     def from_config(cls, cfg: ScoringConfig, **build_kwargs: Any) -> ScoringService:
@@ -724,6 +726,14 @@ class ScoringService:
         ``references`` (one reference answer or None per item, aligned with the responses) reach only scorers that
         need them (:attr:`needs_references`); others ignore them, so a caller may always pass them.
         """
+        with self.clock.timing("score"):
+            return self._score(prompts, responses, references)
+
+    def busy(self) -> dict[str, float]:
+        """Seconds spent scoring since start-up (`BusyClock.totals`)."""
+        return self.clock.totals()
+
+    def _score(self, prompts: list[str], responses: list[str], references: Sequence[str | None] | None) -> ScoreResult:
         t0 = time.perf_counter()
         prompts, responses = list(prompts), list(responses)
         _check_inputs(prompts, responses)
