@@ -66,6 +66,11 @@ def init_ray(cfg: OmniRayConfig) -> None:
 
 QUIET_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+# On CPU, oneDNN compiles and caches a kernel per tensor shape (1024 by default, never freed). Every generate call
+# brings new batch shapes, so a rollout worker's RSS grew ~430 MiB over its first 160 calls on the tiny model, most
+# of it in the first 20 rounds (docs/benchmarks.md, memory). 64 entries hold it flat after ~40 calls at the same
+# speed; a value set in the driver's environment wins.
+MEMORY_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
 
 
 def actor_env() -> dict[str, str]:
@@ -84,7 +89,7 @@ def actor_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     # Quiet actors: one table row per round is the signal; engine chatter (vLLM INFO lines, weight-loading bars)
     # would bury it, in a terminal and in job logs alike. Errors and warnings still come through.
-    for k, v in QUIET_ENV.items():
+    for k, v in {**QUIET_ENV, **MEMORY_ENV}.items():
         env.setdefault(k, os.environ.get(k, v))
     return env
 

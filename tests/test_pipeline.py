@@ -171,3 +171,12 @@ def test_async_pipeline_samples_each_round_one_policy_version_behind(ray_local, 
         pairs = _read_jsonl(tmp_path / "async" / "rounds" / f"round_{r:04d}" / "pairs.jsonl")
         assert pairs and {p["policy_version"] for p in pairs} == {version}
         assert all(p["prompt_id"].startswith(f"r{r - 1}:") for p in pairs)
+
+
+def test_actor_env_caps_the_onednn_kernel_cache_unless_the_user_set_it(monkeypatch):
+    from omni_ray.driver import actor_env
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert actor_env()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    assert actor_env()["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
