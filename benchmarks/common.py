@@ -208,9 +208,9 @@ def train(cfg: Any, monitor: ProcessTreeMonitor | None = None) -> dict[str, Any]
 
 
 def round_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [r for r in rows if r.get("kind") == "round"]
+    from omni_ray.tracking import read_records
+
+    return read_records(Path(run_dir) / "metrics.jsonl", "round")
 
 
 #: Per-round driver-side stage timers (omni_ray/driver.py); a round's time_round covers these plus the glue between.
@@ -351,11 +351,12 @@ class ProcessTreeMonitor:
     def _check_rounds(self) -> None:
         if self._watch is None or not self._watch.is_file():
             return
+        from omni_ray.tracking import read_records
+
         try:
-            rows = [json.loads(ln) for ln in self._watch.read_text().splitlines() if ln.strip()]
+            rounds = read_records(self._watch, "round")
         except (OSError, json.JSONDecodeError):  # a line half written: next tick
             return
-        rounds = [r for r in rows if r.get("kind") == "round"]
         for r in rounds[self._seen :]:
             sample = self._pick()
             if sample is not None:

@@ -290,10 +290,9 @@ def run_omni(task: Task, label: str, run_name: str, extra: list[str], samples: i
 
 
 def _steps(run_dir: str) -> int:
-    import json
+    from omni_ray.tracking import read_records
 
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return sum(1 for ln in lines if ln.strip() and json.loads(ln).get("kind") == "step")
+    return len(read_records(Path(run_dir) / "metrics.jsonl", "step"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -318,16 +318,13 @@ def heldout_pairs(cfg: Any, path: Path) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_one(s: Settings, method: str, lr: float, seed: int, base: list[str], pairs_path: Path) -> dict[str, Any]:
     """Train one (method, lr, seed), then read its accuracy curve and evaluate its final checkpoint on the held-out
     pairs. A run dir with a `compare.json` of the same settings is reused."""
     from omni_ray.config import load_config
     from omni_ray.driver import train
     from omni_ray.evaluate import newest_checkpoint, preference_eval
+    from omni_ray.tracking import read_records
 
     name = f"{method}__lr{fmt_lr(lr)}__seed{seed}"
     cfg = load_config(s.config, [*base, *METHODS[method].overrides, f"learner.lr={lr}", f"run.name={name}"])
@@ -345,7 +342,7 @@ def run_one(s: Settings, method: str, lr: float, seed: int, base: list[str], pai
     t0 = time.perf_counter()
     try:
         summary = train(cfg)
-        record["accuracy"] = accuracy_curve(_read_jsonl(run_dir / "metrics.jsonl"))
+        record["accuracy"] = accuracy_curve(read_records(run_dir / "metrics.jsonl"))
         record["train_wall_s"] = summary["wall_s"]
         ckpt = newest_checkpoint(run_dir)
         if ckpt is None:

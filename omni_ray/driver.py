@@ -45,7 +45,7 @@ from omni_ray.placement import (
 from omni_ray.pop import PopEstimator
 from omni_ray.rollout.worker import RolloutWorker, StaleWeightsError
 from omni_ray.scoring import ScoringService
-from omni_ray.tracking import Tracker, busy_between
+from omni_ray.tracking import Tracker, busy_between, read_records
 from omni_ray.weight_sync import BroadcastWeightSync, push_weights
 
 
@@ -638,7 +638,7 @@ class Driver:
 
     def _summary(self, wall_s: float, startup_s: float) -> dict:
         """From metrics.jsonl's round records, so a resumed run's summary covers the rounds of every process."""
-        rows = [r for r in _read_metrics(self.run_dir / "metrics.jsonl") if r.get("kind") == "round"]
+        rows = read_records(self.run_dir / "metrics.jsonl", "round")
         stage_keys = sorted({k for row in rows for k in row if k.startswith("time_")})
         busy_keys = sorted({k for row in rows for k in row if k.startswith("busy_")})
         last = rows[-1] if rows else None
@@ -685,12 +685,6 @@ def _wait_restarted(actor: Any, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _find_resume_point(cfg: OmniRayConfig, run_dir: Path) -> tuple[Path, dict] | None:
     """The newest good checkpoint of `run_dir` (`run.resume=auto`), checked against the config; metrics.jsonl is cut
     back to it, so the rounds redone after it are logged once."""
@@ -706,7 +700,7 @@ def _find_resume_point(cfg: OmniRayConfig, run_dir: Path) -> tuple[Path, dict] |
                 f"stream would differ (set it back, or start a new run.name)"
             )
     metrics = run_dir / "metrics.jsonl"
-    kept = [r for r in _read_metrics(metrics) if r.get("kind") != "summary" and r.get("round", 0) <= state["round"]]
+    kept = [r for r in read_records(metrics) if r.get("kind") != "summary" and r.get("round", 0) <= state["round"]]
     tmp = metrics.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(metrics)

@@ -49,6 +49,17 @@ def _scalars(record: dict) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or any jsonl the run writes), in order; only those of `kind` when given.
+    A missing file has none. For plots of hand-edited or damaged files, `omni_ray.plot.read_metrics` is the tolerant
+    reader."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records if kind is None else [r for r in records if r.get("kind") == kind]
+
+
 class BusyClock:
     """Seconds an actor has spent inside its work, per stage, since it started (measured in the actor itself).
 

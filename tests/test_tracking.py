@@ -8,7 +8,7 @@ import time
 import pytest
 
 from omni_ray.config import load_config
-from omni_ray.tracking import BusyClock, Tracker, busy_between
+from omni_ray.tracking import BusyClock, Tracker, busy_between, read_records
 
 
 def _exercise(tracker: Tracker) -> None:
@@ -127,3 +127,16 @@ def test_busy_between_takes_the_slowest_actor_per_stage_and_restarts_from_zero()
     assert busy_between(before, after) == {"generate": 3.0, "sync": 0.5, "score": 0.7}
     with pytest.raises(ValueError):
         busy_between(before, after[:2])
+
+
+def test_read_records_returns_the_tracker_lines_in_order_filtered_by_kind(tmp_path):
+    cfg = load_config(None, [])
+    tracker = Tracker(tmp_path, cfg.logging, {}, "t")
+    tracker.log("step", {"loss": 0.5}, step=1)
+    tracker.log("round", {"round": 1, "eval_accuracy": 0.4}, step=1)
+    tracker.log("step", {"loss": 0.4}, step=2)
+    tracker.close()
+    path = tmp_path / "metrics.jsonl"
+    assert [r["kind"] for r in read_records(path)] == ["step", "round", "step"]
+    assert [r["loss"] for r in read_records(path, "step")] == [0.5, 0.4]
+    assert read_records(tmp_path / "missing.jsonl") == []
