@@ -336,18 +336,25 @@ class Driver:
                 refs[j] = call(j)
         return [results[j] for j in range(count)]
 
-    def _score(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None):
-        """Scores (and `correct`, for verifiers) of responses; references are the prompts' reference answers."""
+    def _call_stateless(self, role: str, actor: Any, submit: Callable[[], ray.ObjectRef]) -> Any:
+        """One call to a stateless actor (scorer, PoP estimator): if the actor dies, the call is retried once Ray has
+        restarted it (nothing to restore), at most `scoring.max_retries` times."""
         sc = self.cfg.scoring
         (result,) = self._get_with_retries(
-            "scorer",
-            lambda _j: self.scorer.score.remote(prompts, responses, references),
+            role,
+            lambda _j: submit(),
             1,
-            lambda _j: _wait_restarted(self.scorer, sc.timeout_s),
+            lambda _j: _wait_restarted(actor, sc.timeout_s),
             timeout_s=sc.timeout_s,
             max_retries=sc.max_retries,
         )
         return result
+
+    def _score(self, prompts: list[str], responses: list[str], references: list[str | None] | None = None):
+        """Scores (and `correct`, for verifiers) of responses; references are the prompts' reference answers."""
+        return self._call_stateless(
+            "scorer", self.scorer, lambda: self.scorer.score.remote(prompts, responses, references)
+        )
 
     def evaluate(self) -> dict:
         """Greedy accuracy on the fixed held-out prompts."""
@@ -401,14 +408,8 @@ class Driver:
         self.tracker.stage(r + 1, "PoP")
         if self.pop is not None and pairs:
             texts = [(p.prompt, p.chosen, p.rejected) for p in pairs] if cfg.pop.labels == "judge" else None
-            sc = cfg.scoring
-            ((items, pop_stats),) = self._get_with_retries(
-                "pop",
-                lambda _j: self.pop.training_items.remote([p.gap for p in pairs], r, texts),
-                1,
-                lambda _j: _wait_restarted(self.pop, sc.timeout_s),
-                timeout_s=sc.timeout_s,
-                max_retries=sc.max_retries,
+            items, pop_stats = self._call_stateless(
+                "pop", self.pop, lambda: self.pop.training_items.remote([p.gap for p in pairs], r, texts)
             )
             row.update({f"pop_{k}": v for k, v in pop_stats.items()})
         else:
