@@ -578,9 +578,8 @@ class Driver:
             "policy_version": self.policy_version,
             "global_step": self.global_step,
             "seed": self.cfg.run.seed,
+            # Round r's prompts are a pure function of (seed, r, prompts_per_round): no cursor to store.
             "prompts_per_round": self.cfg.data.prompts_per_round,
-            # Round r's prompts are a pure function of (seed, r, prompts_per_round): the cursor is the round.
-            "prompt_cursor": rounds_done * self.cfg.data.prompts_per_round,
             "wandb_run_id": self.tracker.wandb_run_id,
             "initial_eval": self.initial_eval,
         }
