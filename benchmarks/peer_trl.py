@@ -57,7 +57,7 @@ class Workload:
 
 
 def workloads(quick: bool) -> dict[str, Workload]:
-    # tiny: DPO's learning rate on this model is 5e-6 (summed log-probs; examples/compare_methods.py, methods.md
+    # tiny: DPO's learning rate on this model is 5e-6 (summed log-probs; examples/compare_methods.py, docs/methods.md
     # sec. 5). gen: the same rate and beta; the budgets are what 2 cores do in minutes, not tuned for accuracy.
     if quick:
         return {

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET_ACCURACY = 0.40  # "samples needed to reach": the warm start sits near 0.30 (methods.md sec. 5)
+TARGET_ACCURACY = 0.40  # "samples needed to reach": the warm start sits near 0.30 (docs/methods.md sec. 5)
 HELDOUT_SAMPLES = 8  # samples per held-out prompt from the initial model (the training rounds' budget per prompt)
 HELDOUT_TEMPERATURE = 1.0
 
@@ -51,19 +51,19 @@ HELDOUT_TEMPERATURE = 1.0
 class Method:
     overrides: tuple[str, ...]  # key=value on top of configs/local_tiny.yaml
     lr: float  # the method's own learning rate (--quick runs each method at this one)
-    why: str  # where the choices come from (methods.md section, paper)
+    why: str  # where the choices come from (docs/methods.md section, paper)
 
 
-# Omni-DPO's released defaults (methods.md sec. 2): beta 2.0 (Llama-3-8B), eta 0.7, gamma 3.0, tau_ref 1.0 (chat;
+# Omni-DPO's released defaults (docs/methods.md sec. 2): beta 2.0 (Llama-3-8B), eta 0.7, gamma 3.0, tau_ref 1.0 (chat;
 # the responses here are 2-4 tokens, closer to chat than to long math solutions), lambda 0.2 (math). Adapted to the
 # task's score scale: arith quality is 10*exp(-|err|/10) on 0-10, so exactly right = 10.0 and off by one = 9.05;
 # tau_good 10.0 puts the calibrated NLL on verified-correct chosen answers only (the paper's 8.0 would admit answers
 # off by 2). eta 0.7 is kept: the paper's scores are on the same 0-10 scale.
 OMNI = ("loss.beta=2.0", "loss.eta=0.7", "loss.gamma=3.0", "loss.tau_ref=1.0", "loss.lam=0.2", "loss.tau_good=10.0")
 OMNI_WHY = "Omni-DPO released defaults (sec. 2), tau_good = exact answer; lr 3e-5: +19 to +24 in sec. 5"
-# Learning rates (methods.md sec. 5, this model): DPO-family losses on summed log-probs were best at 5e-6 and collapse
-# at >= 3e-5; Omni-DPO at 3e-5 (it tolerates ~10x higher). Losses on length-normalised log-probs (SimPO, RFT) get
-# Omni-DPO's rate, those on summed log-probs (DPO, PoP, RPO) DPO's.
+# Learning rates (docs/methods.md sec. 5, this model): DPO-family losses on summed log-probs were best at 5e-6 and
+# collapse at >= 3e-5; Omni-DPO at 3e-5 (it tolerates ~10x higher). Losses on length-normalised log-probs (SimPO,
+# RFT) get Omni-DPO's rate, those on summed log-probs (DPO, PoP, RPO) DPO's.
 LR_SUMMED, LR_MEAN = 5e-6, 3e-5
 
 METHODS: dict[str, Method] = {

@@ -37,7 +37,12 @@ def _f(default: Any, *, help: str = "", **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
-LOSSES = ("dpo", "ipo", "cdpo", "simpo", "margin_dpo", "odpo", "omni_dpo", "pop", "omni_pop", "rpo", "rft")
+def _loss_names() -> tuple[str, ...]:
+    """The registered losses (omni_ray/learner/objective.py); read when a config is validated, so loading the
+    config module does not import torch."""
+    from omni_ray.learner.objective import LOSSES
+
+    return LOSSES
 
 
 @dataclass
@@ -54,7 +59,7 @@ class RunConfig:
 
 @dataclass
 class TinyModelConfig:
-    """The offline tiny Llama built by `omni-ray make-tiny` (sec. 5 of methods.md: 2.4M params learn arith)."""
+    """The offline tiny Llama built by `omni-ray make-tiny` (sec. 5 of docs/methods.md: 2.4M params learn arith)."""
 
     hidden_size: int = _f(256, gt=0)
     num_layers: int = _f(4, gt=0)
@@ -62,7 +67,7 @@ class TinyModelConfig:
     num_kv_heads: int = _f(4, gt=0)
     intermediate_size: int = _f(512, gt=0)
     max_position_embeddings: int = _f(64, gt=0)
-    sft_steps: int = _f(330, ge=0, help="warm-start SFT steps; stop while accuracy still rises (methods.md sec. 5)")
+    sft_steps: int = _f(330, ge=0, help="warm-start SFT steps; stop while accuracy rises (docs/methods.md sec. 5)")
     sft_lr: float = _f(1e-3, gt=0)
     sft_batch_size: int = _f(64, gt=0)
 
@@ -83,14 +88,14 @@ class DataConfig:
         choices=("task", "prompts", "preferences"),
         help="task: built-in arith prompts; prompts: online on a prompt dataset; preferences: offline scored pairs",
     )
-    task: str = _f("arith", choices=("arith",))
     max_operand: int = _f(99, gt=0, help="arith: operands drawn from 0..max_operand")
     prompts_per_round: int = _f(512, gt=0)
     eval_prompts: int = _f(500, gt=0, help="held-out prompts, fixed by the seed, disjoint from training prompts")
     path: str = _f("", help="prompts / preferences: HF dataset name, dataset dir, .jsonl or .parquet")
     split: str = _f("train")
     prompt_column: str = _f("prompt", help="prompts: the prompt column (a string or a chat message list)")
-    answer_column: str = _f("", help="prompts: reference-answer column handed to verifiers (math_verifier); optional")
+    answer_column: str = _f("", help="prompts: reference-answer column handed to the scorers (references=); optional")
+    extra_columns: list[str] = _f([], help="prompts: more columns of each row handed to python / http scorers by name")
     eval_split: str = _f("", help="prompts: held-out split; empty: hold out eval_prompts rows of `split` by seed")
     max_prompt_tokens: int = _f(512, gt=0)
     max_response_tokens: int = _f(512, gt=0)
@@ -108,7 +113,6 @@ class RolloutConfig:
     temperature: float = _f(1.0, ge=0)
     top_p: float = _f(1.0, gt=0, le=1)
     max_new_tokens: int = _f(8, gt=0)
-    eval_batch_size: int = _f(512, gt=0)
     timeout_s: float = _f(600.0, gt=0, help="a generate call that takes longer raises")
     max_retries: int = _f(2, ge=0, help="a worker that dies mid-call is restarted and its batch retried this often")
     tensor_parallel_size: int = _f(1, ge=1, help="GPUs per vLLM engine (one engine per worker); 1 on CPU")
@@ -135,6 +139,7 @@ class ScorerSpec:
     retries: int = _f(3, ge=0, help="http: retries after a failed request (connection error, timeout, 408/429/5xx)")
     backoff_s: float = _f(0.5, ge=0, help="http: first retry delay; doubles per retry, capped at backoff_max_s")
     backoff_max_s: float = _f(8.0, ge=0)
+    correct_at: float | None = _f(None, help="a score (declared scale) at or above this counts as a correct answer")
     # judge (omni_ray/scoring/judge.py): rating prompt -> greedy generation -> first number on the declared scale
     template: str = _f("", help="judge: rating prompt with {prompt} / {response}; empty: the built-in template")
     backend: str = _f("auto", choices=("auto", "vllm", "hf"), help="judge: generation engine")
@@ -187,7 +192,7 @@ class PopConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _f("omni_pop", choices=LOSSES)
+    name: str = _f("omni_pop", choices=_loss_names)
     beta: float = _f(2.0, gt=0)
     eta: float = _f(0.7, ge=0, help="Omni-DPO quality weight sharpness")
     gamma: float = _f(3.0, ge=0, help="Omni-DPO focal exponent of the performance weight")
@@ -379,6 +384,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return config
 
 
+def choices_of(meta: dict) -> tuple:
+    """A field's allowed values: its `choices`, called when it is a function (registries resolved on use)."""
+    choices = meta["choices"]
+    return tuple(choices() if callable(choices) else choices)
+
+
 def _check_rules(value: Any, meta: dict, key: str) -> None:
     rules = {
         "gt": (lambda v, r: v > r, ">"),
@@ -389,8 +400,8 @@ def _check_rules(value: Any, meta: dict, key: str) -> None:
     for name, (ok, sym) in rules.items():
         if name in meta and not ok(value, meta[name]):
             raise ConfigError(f"config key '{key}' = {value!r} must be {sym} {meta[name]}")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"config key '{key}' = {value!r} must be one of {', '.join(map(str, meta['choices']))}")
+    if "choices" in meta and value not in choices_of(meta):
+        raise ConfigError(f"config key '{key}' = {value!r} must be one of {', '.join(map(str, choices_of(meta)))}")
 
 
 def _validate_node(schema: Any, node: Any, prefix: str) -> None:

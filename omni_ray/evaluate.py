@@ -1,4 +1,4 @@
-"""`omni-ray eval`: a checkpoint's task accuracy and the PoP paper's preference metrics (methods.md sec. 3).
+"""`omni-ray eval`: a checkpoint's task accuracy and the PoP paper's preference metrics (docs/methods.md sec. 3).
 
 Plain functions, no Ray: the CLI is a thin wrapper, tests and notebooks call them directly.
 

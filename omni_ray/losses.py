@@ -1,6 +1,6 @@
 """Preference-optimisation losses: DPO family, SimPO, Omni-DPO and DPO-PoP (pure PyTorch, no Ray).
 
-The equations follow /work/shared/methods.md sections 1-3; each function cites its paper by arXiv id.
+The equations follow docs/methods.md sections 1-3; each function cites its paper by arXiv id.
 
 Notation (per example b of a batch of B preference pairs):
 

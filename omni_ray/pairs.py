@@ -1,4 +1,4 @@
-"""Preference pairs from scored samples (step 3 of an online round, methods.md sec. 2 and 4).
+"""Preference pairs from scored samples (step 3 of an online round, docs/methods.md sec. 2 and 4).
 
 Pure Python / numpy: no Ray, no torch.
 
@@ -30,7 +30,7 @@ recorded in ``pairs.jsonl``.
 
 Score scales: ``eta`` (Omni-DPO quality weight) and ``tau_good`` / ``good_threshold`` only mean something on a
 known scale. Scorers declare their scale; ``rescale_scores`` maps a declared scale linearly to a fixed target
-range (0-10 by default) and ``rescale_per_round`` min-max normalises one round's scores (methods.md sec. 2:
+range (0-10 by default) and ``rescale_per_round`` min-max normalises one round's scores (docs/methods.md sec. 2:
 "scorers must report scores on a declared scale, and the pipeline can rescale per round").
 """
 

@@ -1,6 +1,6 @@
 """DPO-PoP (arXiv 2509.22851): preference-over-preference tuples, label noise and Bradley-Terry margins.
 
-Numpy only: no Ray, no torch. See methods.md sec. 3.
+Numpy only: no Ray, no torch. See docs/methods.md sec. 3.
 
 A PoP label compares two preference pairs of the round and says which one is the *stronger* preference. Here the
 labels come from the pairs' score gaps (``sample_pop_tuples``, optionally flipped with probability ``label_noise``
@@ -27,6 +27,7 @@ from omni_ray.tracking import BusyClock
 __all__ = [
     "POP_STRATEGIES",
     "PopEstimator",
+    "PopItems",
     "PopStats",
     "PopTuple",
     "bt_margins",
@@ -49,6 +50,33 @@ class PopTuple:
     strong: int
     weak: int
     label_flipped: bool = False
+
+
+@dataclass(frozen=True)
+class PopItems:
+    """A round's training items, one row each: pair ``strong[i]`` trains against the margin of pair ``weak[i]``.
+
+    ``weak[i] == -1``: PoP could not compare the pair (docs/methods.md sec. 3, the uncompared rule); it trains against
+    ``margin[i]`` = the floor m_min. ``margin[i]`` is NaN where the learner computes the weak partner's margin from the
+    model (ema / fixed targets), and the estimator's margin where it has one (bt).
+    """
+
+    strong: np.ndarray
+    weak: np.ndarray
+    margin: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.strong)
+        if len(self.weak) != n or len(self.margin) != n:
+            raise ValueError(f"PopItems: {n} strong, {len(self.weak)} weak and {len(self.margin)} margins")
+
+    @classmethod
+    def every_pair(cls, n_pairs: int) -> PopItems:
+        """Each pair once, with no partner and no margin: what a loss without PoP trains on."""
+        return cls(np.arange(n_pairs, dtype=np.int64), np.full(n_pairs, -1, np.int64), np.full(n_pairs, np.nan))
+
+    def __len__(self) -> int:
+        return len(self.strong)
 
 
 @dataclass
@@ -81,7 +109,7 @@ def sample_pop_tuples(
     label_noise: float = 0.0,
     rng: np.random.Generator,
 ) -> tuple[list[PopTuple], PopStats]:
-    """Sample PoP tuples over a round's pairs, labelled by score gap (methods.md sec. 3).
+    """Sample PoP tuples over a round's pairs, labelled by score gap (docs/methods.md sec. 3).
 
     Args:
         gaps: score gap ``S_w - S_l`` of each pair; tuple indices refer to positions in this sequence.
@@ -286,7 +314,7 @@ def fit_bradley_terry(
 
 
 def bt_margins(z: np.ndarray | Sequence[float], *, m_min: float, m_max: float) -> np.ndarray:
-    """Map Bradley-Terry strengths to margins in ``[m_min, m_max]`` (the inferred mapping of methods.md sec. 3).
+    """Map Bradley-Terry strengths to margins in ``[m_min, m_max]`` (the inferred mapping of docs/methods.md sec. 3).
 
     Affine min-max map over the given items: the weakest pair gets ``m_min``, the strongest ``m_max``, order is
     preserved (monotone non-decreasing). If all strengths are equal (or there is one item) every margin is the

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from omni_ray.config import LOSSES, load_config
-from omni_ray.learner.objective import BatchLogps, Objective
+from omni_ray.config import load_config
+from omni_ray.learner.objective import LOSSES, BatchLogps, Objective
 from omni_ray.losses import dpo_loss, omni_dpo_loss, pop_loss, rft_loss, rpo_loss
 
 

@@ -6,7 +6,8 @@ consumes it: arith.py and prompts.py both import it from the package without imp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["Prompt"]
 
@@ -17,9 +18,13 @@ class Prompt:
 
     ``prompt_id`` is stable across rounds and resumes (pairs.jsonl and eval logs refer to it); ``text`` is exactly
     what the policy is conditioned on (chat template already applied); ``reference`` is the ground-truth answer that
-    reference-based verifiers (``math_verifier``) compare with, ``None`` when the source has none.
+    scorers compare with (``references=``), ``None`` when the source has none; ``columns`` holds the other columns of
+    the row that ``data.extra_columns`` names, handed to python / http scorers by name; ``token_ids`` is the prompt as
+    the policy reads it (BOS + text, cut to ``data.max_prompt_tokens``), set once when the driver encodes it.
     """
 
     prompt_id: str
     text: str
     reference: str | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+    token_ids: tuple[int, ...] = ()

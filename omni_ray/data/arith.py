@@ -1,7 +1,7 @@
 """The built-in verifiable task: integer addition `a+b=` with a, b in 0..max_operand.
 
 Quality is partial credit, so it can differ from correctness and the Omni-DPO quality weight has something to see
-(methods.md sec. 5): S = 10 * exp(-|pred - true| / 10), 0 when the answer does not parse. Exactly right scores 10.
+(docs/methods.md sec. 5): S = 10 * exp(-|pred - true| / 10), 0 when the answer does not parse. Exactly right scores 10.
 Prompts are drawn from a seeded stream; the eval prompts are a fixed set that training prompts never repeat.
 """
 

@@ -1,20 +1,23 @@
-"""From `loss.name` to a loss on a batch of per-sequence log-probs: the one place losses are selected.
+"""From `loss.name` to a loss on a batch of per-sequence log-probs: the registry of losses, the one place they are
+selected.
 
-Log-prob convention per loss ("auto"): the papers' own. DPO, IPO, cDPO, margin/offset DPO, DPO-PoP and RPO's DPO term
-use summed log-probs L(y); SimPO, Omni-DPO (and so omni_pop) and RFT's NLL use length-normalised l(y) = L(y)/|y|.
-RPO's NLL term is length-normalised whatever the convention (it divides by `chosen_lengths` when inputs are summed).
-PoP margins and their clip bounds [m_min, m_max] are in the units of whichever convention the loss uses (methods.md
-sec. 4, "unit mismatch").
+Each loss is registered once with what it needs from the learner: a reference model or not, length-normalised or
+summed log-probs (the papers' own conventions, used when `loss.logprobs=auto`), PoP target margins or not.
+`LOSSES` and `POP_LOSSES` are read off the registry. The conventions (docs/methods.md sec. 4, "unit mismatch"):
+DPO, IPO, cDPO, margin/offset DPO, DPO-PoP and RPO's DPO term use summed log-probs L(y); SimPO, Omni-DPO (and so
+omni_pop) and RFT's NLL use l(y) = L(y)/|y|. RPO's NLL term is length-normalised whatever the convention. PoP
+margins and their clip bounds [m_min, m_max] are in the units of whichever convention the loss uses.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from omni_ray.config import LossConfig, PopConfig
 from omni_ray.losses import (
     LossOutput,
     dpo_loss,
@@ -26,18 +29,17 @@ from omni_ray.losses import (
     simpo_loss,
 )
 
-POP_LOSSES = ("pop", "omni_pop")
-_LENGTH_NORMALISED = ("simpo", "omni_dpo", "omni_pop", "rft")
-_REFERENCE_FREE = ("simpo", "rft")
+if TYPE_CHECKING:
+    from omni_ray.config import LossConfig, PopConfig
 
 
 @dataclass
 class BatchLogps:
     """Per-example (B,) tensors for one batch of training pairs, already in the loss's convention.
 
-    `target_margin` is the PoP target M_target(u) of each strong pair's weak partner (ema / fixed targets, computed
-    by the learner) or the estimator's Bradley-Terry margin (bt target); None for non-PoP losses.
-    `chosen_lengths` are the chosen responses' token counts |y_w| (float), needed by rpo with summed log-probs.
+    `target_margin` is the PoP margin each strong pair must beat before clipping: the weak partner's implicit margin
+    under the target model (ema / fixed), the estimator's Bradley-Terry margin (bt), or the floor m_min for a pair PoP
+    could not compare; None for non-PoP losses. `chosen_lengths` are |y_w| (float), needed by rpo on summed log-probs.
     """
 
     policy_chosen: Tensor
@@ -50,17 +52,162 @@ class BatchLogps:
     chosen_lengths: Tensor | None = None
 
 
+LossFn = Callable[[BatchLogps, "Objective"], LossOutput]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function and what the learner must give it."""
+
+    fn: LossFn
+    uses_reference: bool = True
+    length_normalised: bool = False
+    uses_pop: bool = False
+
+
+LOSS_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, **needs: bool) -> Callable[[LossFn], LossFn]:
+    """Register `fn(batch, objective) -> LossOutput` under `name` (a `loss.name` value)."""
+
+    def add(fn: LossFn) -> LossFn:
+        if name in LOSS_REGISTRY:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSS_REGISTRY[name] = LossSpec(fn, **needs)
+        return fn
+
+    return add
+
+
+def _required(value: Tensor | None, message: str) -> Tensor:
+    if value is None:
+        raise ValueError(message)
+    return value
+
+
+_NO_TARGET = "a PoP loss needs target margins: the learner did not supply them"
+
+
+def _dpo_family(b: BatchLogps, o: Objective, *, margin=None, loss_type: str = "sigmoid") -> LossOutput:
+    return dpo_loss(
+        b.policy_chosen,
+        b.policy_rejected,
+        b.ref_chosen,
+        b.ref_rejected,
+        beta=o.cfg.beta,
+        margin=margin,
+        label_smoothing=o.cfg.label_smoothing,
+        loss_type=loss_type,  # type: ignore[arg-type]
+    )
+
+
+@register_loss("dpo")
+def _dpo(b: BatchLogps, o: Objective) -> LossOutput:
+    return _dpo_family(b, o)
+
+
+@register_loss("ipo")
+def _ipo(b: BatchLogps, o: Objective) -> LossOutput:
+    return _dpo_family(b, o, loss_type="ipo")
+
+
+@register_loss("cdpo")
+def _cdpo(b: BatchLogps, o: Objective) -> LossOutput:
+    return _dpo_family(b, o)
+
+
+@register_loss("margin_dpo")
+def _margin_dpo(b: BatchLogps, o: Objective) -> LossOutput:
+    margin = (b.score_chosen - b.score_rejected) if o.cfg.margin_source == "score_gap" else o.cfg.margin
+    return _dpo_family(b, o, margin=margin)
+
+
+@register_loss("odpo")
+def _odpo(b: BatchLogps, o: Objective) -> LossOutput:
+    return _dpo_family(b, o, margin=odpo_margin(b.score_chosen, b.score_rejected, alpha=o.cfg.odpo_alpha))
+
+
+@register_loss("simpo", uses_reference=False, length_normalised=True)
+def _simpo(b: BatchLogps, o: Objective) -> LossOutput:
+    return simpo_loss(b.policy_chosen, b.policy_rejected, beta=o.cfg.beta, gamma=o.cfg.simpo_gamma)
+
+
+@register_loss("rft", uses_reference=False, length_normalised=True)
+def _rft(b: BatchLogps, o: Objective) -> LossOutput:
+    return rft_loss(b.policy_chosen, b.score_chosen, tau_good=o.cfg.tau_good)
+
+
+@register_loss("rpo")
+def _rpo(b: BatchLogps, o: Objective) -> LossOutput:
+    lengths = (
+        torch.ones_like(b.policy_chosen)
+        if o.length_normalised
+        else _required(b.chosen_lengths, "rpo needs chosen_lengths: the learner did not supply them")
+    )
+    c = o.cfg
+    return rpo_loss(
+        b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, lengths, beta=c.beta, alpha=c.rpo_alpha
+    )
+
+
+@register_loss("pop", uses_pop=True)
+def _pop(b: BatchLogps, o: Objective) -> LossOutput:
+    m_theta = o.implicit_margin(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected)
+    return pop_loss(
+        m_theta, _required(b.target_margin, _NO_TARGET), beta=o.cfg.beta, m_min=o.pop.m_min, m_max=o.pop.m_max
+    )
+
+
+def _omni(b: BatchLogps, o: Objective, margin: Tensor | None) -> LossOutput:
+    c = o.cfg
+    return omni_dpo_loss(
+        b.policy_chosen,
+        b.policy_rejected,
+        b.ref_chosen,
+        b.ref_rejected,
+        b.score_chosen,
+        b.score_rejected,
+        beta=c.beta,
+        eta=c.eta,
+        gamma=c.gamma,
+        tau_ref=c.tau_ref,
+        lam=c.lam,
+        tau_good=c.tau_good,
+        margin=margin,
+        detach_perf_weight=c.detach_perf_weight,
+    )
+
+
+@register_loss("omni_dpo", length_normalised=True)
+def _omni_dpo(b: BatchLogps, o: Objective) -> LossOutput:
+    return _omni(b, o, None)
+
+
+@register_loss("omni_pop", length_normalised=True, uses_pop=True)
+def _omni_pop(b: BatchLogps, o: Objective) -> LossOutput:
+    # m_s is in implicit-margin units; omni_dpo_loss subtracts margins after the beta product.
+    target = _required(b.target_margin, _NO_TARGET).detach()
+    return _omni(b, o, o.cfg.beta * torch.clamp(target, o.pop.m_min, o.pop.m_max))
+
+
+LOSSES: tuple[str, ...] = tuple(LOSS_REGISTRY)
+POP_LOSSES: tuple[str, ...] = tuple(n for n, s in LOSS_REGISTRY.items() if s.uses_pop)
+
+
 class Objective:
-    """The configured loss. `uses_pop` says the learner must supply `target_margin`."""
+    """The configured loss, and what it needs: `uses_reference`, `uses_pop` (the learner supplies target margins),
+    `length_normalised` (the log-prob convention, `loss.logprobs` or the paper's)."""
 
     def __init__(self, loss: LossConfig, pop: PopConfig):
-        self.cfg = loss
-        self.pop = pop
-        self.name = loss.name
-        self.uses_pop = loss.name in POP_LOSSES
-        self.uses_reference = loss.name not in _REFERENCE_FREE
+        if loss.name not in LOSS_REGISTRY:
+            raise ValueError(f"unknown loss {loss.name!r}; registered: {', '.join(LOSSES)}")
+        self.cfg, self.pop, self.name = loss, pop, loss.name
+        self.spec = LOSS_REGISTRY[loss.name]
+        self.uses_pop = self.spec.uses_pop
+        self.uses_reference = self.spec.uses_reference
         mode = loss.logprobs
-        self.length_normalised = loss.name in _LENGTH_NORMALISED if mode == "auto" else mode == "mean"
+        self.length_normalised = self.spec.length_normalised if mode == "auto" else mode == "mean"
 
     def convention(self, summed: Tensor, lengths: Tensor) -> Tensor:
         """Summed log-probs -> the loss's convention."""
@@ -71,71 +218,4 @@ class Objective:
         return (pc - rc) - (pr - rr)
 
     def __call__(self, b: BatchLogps) -> LossOutput:
-        c, p = self.cfg, self.pop
-        if self.name in ("dpo", "cdpo", "ipo", "margin_dpo", "odpo"):
-            margin: Tensor | float | None = None
-            if self.name == "margin_dpo":
-                margin = (b.score_chosen - b.score_rejected) if c.margin_source == "score_gap" else c.margin
-            elif self.name == "odpo":
-                margin = odpo_margin(b.score_chosen, b.score_rejected, alpha=c.odpo_alpha)
-            return dpo_loss(
-                b.policy_chosen,
-                b.policy_rejected,
-                b.ref_chosen,
-                b.ref_rejected,
-                beta=c.beta,
-                margin=margin,
-                label_smoothing=c.label_smoothing,
-                loss_type="ipo" if self.name == "ipo" else "sigmoid",
-            )
-        if self.name == "simpo":
-            return simpo_loss(b.policy_chosen, b.policy_rejected, beta=c.beta, gamma=c.simpo_gamma)
-        if self.name == "rft":
-            return rft_loss(b.policy_chosen, b.score_chosen, tau_good=c.tau_good)
-        if self.name == "rpo":
-            lengths = (
-                torch.ones_like(b.policy_chosen)
-                if self.length_normalised
-                else _required(b.chosen_lengths, "rpo needs chosen_lengths: the learner did not supply them")
-            )
-            return rpo_loss(
-                b.policy_chosen,
-                b.policy_rejected,
-                b.ref_chosen,
-                b.ref_rejected,
-                lengths,
-                beta=c.beta,
-                alpha=c.rpo_alpha,
-            )
-        if self.name == "pop":
-            m_theta = self.implicit_margin(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected)
-            return pop_loss(m_theta, _required(b.target_margin, _NO_TARGET), beta=c.beta, m_min=p.m_min, m_max=p.m_max)
-        margin = None
-        if self.name == "omni_pop":
-            # The PoP margin m_s is in implicit-margin units; omni_dpo_loss subtracts margins after the beta product.
-            margin = c.beta * torch.clamp(_required(b.target_margin, _NO_TARGET).detach(), p.m_min, p.m_max)
-        return omni_dpo_loss(
-            b.policy_chosen,
-            b.policy_rejected,
-            b.ref_chosen,
-            b.ref_rejected,
-            b.score_chosen,
-            b.score_rejected,
-            beta=c.beta,
-            eta=c.eta,
-            gamma=c.gamma,
-            tau_ref=c.tau_ref,
-            lam=c.lam,
-            tau_good=c.tau_good,
-            margin=margin,
-            detach_perf_weight=c.detach_perf_weight,
-        )
-
-
-_NO_TARGET = "a PoP loss needs target margins: the learner did not supply them"
-
-
-def _required(value: Tensor | None, message: str) -> Tensor:
-    if value is None:
-        raise ValueError(message)
-    return value
+        return self.spec.fn(b, self)

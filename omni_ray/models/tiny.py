@@ -1,6 +1,6 @@
 """`omni-ray make-tiny`: a tiny Llama + tokenizer built offline, warm-started by a short seeded SFT.
 
-Why these choices (methods.md sec. 5, measured on the 2-core CPU machine):
+Why these choices (docs/methods.md sec. 5, measured on the 2-core CPU machine):
 - The tokenizer is a byte-level BPE with no merges over the task's alphabet, i.e. one token per character. A BPE
   with merges tokenizes numbers inconsistently and learned addition about 3x slower; digits as tokens is what makes
   preference learning visible in minutes.

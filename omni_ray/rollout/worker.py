@@ -297,6 +297,7 @@ class RolloutWorker:
             **backend_options,
         )
         self.backend_name: str = self._backend.name
+        self.max_model_len = max_model_len
         self.policy_version = 0
         self.clock = BusyClock()  # "generate" (train samples and eval), "sync" (weight loads)
         self.startup_s = time.perf_counter() - t0

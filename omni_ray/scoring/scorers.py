@@ -1,4 +1,4 @@
-"""Scorers: (prompt, response) -> score on a declared scale (step 2 of an online round, methods.md sec. 2 and 4).
+"""Scorers: (prompt, response) -> score on a declared scale (step 2 of an online round, docs/methods.md sec. 2 and 4).
 
 Plain classes, no Ray: the driver wraps a :class:`ScoringService` in ``ray.remote``; tests call everything directly.
 
