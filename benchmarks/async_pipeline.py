@@ -25,7 +25,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
-from benchmarks.peer_trl import async_available  # noqa: E402
 
 NAME = "async_pipeline"
 TARGET = 1.15
@@ -52,11 +51,6 @@ def main() -> None:
     p.add_argument("--prompts", type=int, help="prompts per round; default 128 quick, 512 full")
     args = p.parse_args()
     common.setup()
-    if not async_available():
-        raise SystemExit(
-            "omni_ray/driver.py does not read cfg.pipeline yet: pipeline.mode=async would run the sync loop. "
-            "Nothing measured."
-        )
     started = time.perf_counter()
     info = common.machine()
     rounds = args.rounds or (4 if args.quick else 8)

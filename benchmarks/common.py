@@ -213,7 +213,7 @@ def round_rows(run_dir: Path) -> list[dict[str, Any]]:
     return read_records(Path(run_dir) / "metrics.jsonl", "round")
 
 
-#: Per-round driver-side stage timers (omni_ray/driver.py); a round's time_round covers these plus the glue between.
+#: Per-round driver stage timers (omni_ray/driver/loop.py); a round's time_round covers these plus the glue between.
 STAGES = ("generate", "score", "pop", "train", "sync", "eval", "checkpoint")
 
 

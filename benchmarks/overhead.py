@@ -32,7 +32,7 @@ from benchmarks import common  # noqa: E402
 
 NAME = "overhead"
 TARGET = 1.10
-#: The actors' busy stages (omni_ray/driver.py `_actors_busy` and the learner's round result).
+#: The actors' busy stages (omni_ray/driver/loop.py `_actors_busy` and the learner's round result).
 BUSY = ("generate", "score", "pop", "reference", "train", "sync")
 
 

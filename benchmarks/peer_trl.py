@@ -90,7 +90,7 @@ class Task:
         if w.name == "tiny":
             from omni_ray.data.arith import ArithTask
             from omni_ray.driver import ensure_model
-            from omni_ray.scoring.scorers import ArithVerifier
+            from omni_ray.scoring import ArithVerifier
 
             self.model = ensure_model(common.config(NAME, "make-tiny"))
             source = ArithTask(seed=seed, eval_size=w.eval_prompts)
@@ -241,16 +241,6 @@ def run_trl(task: Task, out: Path) -> dict[str, Any]:
 # omni-ray
 
 
-def async_available() -> bool:
-    """Whether the driver implements pipeline.mode=async (the config key exists before the driver uses it)."""
-    import inspect
-
-    from omni_ray import driver
-
-    src = inspect.getsource(driver)
-    return "pipeline.mode" in src or "cfg.pipeline" in src
-
-
 def run_omni(task: Task, label: str, run_name: str, extra: list[str], samples: int) -> dict[str, Any]:
     w = task.w
     prompts = w.prompts * 2 // samples  # the same number of completions as the 2-sample runs
@@ -309,7 +299,6 @@ def main() -> None:
     if info.get("trl") is None:
         raise SystemExit("TRL is not installed: .venv/bin/pip install -e '.[bench]'")
     specs = workloads(args.quick)
-    use_async = async_available()
     out_root = common.BENCH_RUNS / NAME
     results: dict[str, Any] = {}
     for name in args.workloads:
@@ -326,8 +315,8 @@ def main() -> None:
         best = None
         # --quick skips it for gen: one more ~50M-model run would take the quick mode well past 5 minutes.
         if not args.no_best and not (args.quick and name == "gen"):
-            best_extra = ["pipeline.mode=async"] if use_async else []
-            label = "omni-ray (own settings: 8 samples, Omni-DPO+PoP" + (", async)" if use_async else ", sync)")
+            best_extra = ["pipeline.mode=async"]
+            label = "omni-ray (own settings: 8 samples, Omni-DPO+PoP, async)"
             best = run_omni(task, label, f"{name}_omni_best", best_extra, samples=8)
         common.shutdown_ray()
         trl_res = run_trl(task, out_root / name)
@@ -368,7 +357,7 @@ def main() -> None:
         ["workload", "side", "train s", "sampling s", "everything else s", "sampling share"], split, 3
     )  # fmt: skip
     settings = {"workloads": {k: asdict(v) for k, v in specs.items() if k in args.workloads},
-                "async_available": use_async, "trl_version": info.get("trl")}  # fmt: skip
+                "trl_version": info.get("trl")}  # fmt: skip
     common.write_result(args.out, NAME, quick=args.quick, settings=settings, results=results,
                         tables=[table, split_table], machine_info=info, started=started)  # fmt: skip
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from omni_ray.data.arith import SCORE_SCALE
-from omni_ray.scoring.scorers import Scorer, ScoreResult
+from omni_ray.scoring import Scorer, ScoreResult
 
 RESPONSE_TOKENS = 64
 MAX_START, MAX_STEP = 999, 19

@@ -6,15 +6,15 @@
 Models are built offline (transformers' LlamaConfig via omni_ray.models.tiny.build_model, the tiny task's
 tokenizer, random init, head_dim >= 32 for vLLM's CPU attention) into models/bench/ and cached. The tiny one is
 models/tiny-arith (built by make-tiny when missing). For each size, real `RolloutWorker` Ray actors (the vLLM
-backend when importable, as the driver starts them) receive new weights through `omni_ray.weight_sync.push_weights`
-with the object-store strategy, the CPU default. Each sync sends different weights (the policy plus fresh noise)
-and the worker's returned policy version is checked, so nothing is skipped as unchanged.
+backend when importable, as the driver starts them) receive new weights through the object-store strategy
+(`omni_ray.weight_sync.ObjectStoreSync`, the CPU default) in buckets of `--bucket-mb`. Each sync sends different
+weights (the policy plus fresh noise) and the workers' policy versions are checked, so nothing is skipped.
 
-Per sync, as in a round (driver: learner.export_weights_ref() then push_weights):
-- serialize: the state dict -> safetensors bytes (what the learner's rank 0 does in export_weights);
-- put: the bytes into the object store (the learner's return value lands there the same way);
-- push: push_weights() until every worker confirmed the load (object-store fetch, deserialize, vLLM reload).
-MB/s is the blob size over push time, and over serialize + put + push ("end to end").
+Per sync, as in a round: `export` is what learner rank 0 does (the state dict cut into buckets, each serialized and
+put into the object store), `push` the rest of `WeightSync.push` until every worker confirmed the load (object-store
+fetch, deserialize, vLLM's layer-wise reload per bucket). The learner is a stand-in holding the state dict (the
+gathering of ZeRO-3 shards is the learner's cost, not the transport's). MB/s is the weights' size over push time, and
+over export + push ("end to end").
 """
 
 from __future__ import annotations
@@ -74,14 +74,30 @@ def build(size: Size | None) -> Path:
     return out
 
 
-def measure(path: Path, *, workers: int, reps: int) -> dict[str, Any]:
+class StateDictLearner:
+    """The learner's `export_weight_buckets` over a state dict held here, timed (what rank 0 does, minus gathering)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.export_s = 0.0
+
+    def export_weight_buckets(self, bucket_bytes: int, put: Any) -> tuple[list[Any], int]:
+        from omni_ray.weight_sync.base import buckets_of, serialize_state_dict
+
+        t0 = time.perf_counter()
+        handles = [put(serialize_state_dict(b)) for b in buckets_of(self.state.items(), bucket_bytes)]
+        self.export_s = time.perf_counter() - t0
+        return handles, sum(t.numel() * t.element_size() for t in self.state.values())
+
+
+def measure(path: Path, *, workers: int, reps: int, bucket_mb: float) -> dict[str, Any]:
     import ray
     import torch
     from transformers import AutoModelForCausalLM
 
     from omni_ray.driver import actor_env
     from omni_ray.rollout.worker import RolloutWorker
-    from omni_ray.weight_sync import push_weights, serialize_state_dict
+    from omni_ray.weight_sync import make_weight_sync
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
@@ -94,22 +110,21 @@ def measure(path: Path, *, workers: int, reps: int) -> dict[str, Any]:
         for i in range(workers)
     ]
     info = ray.get([a.ready.remote() for a in actors], timeout=600)
+    learner = StateDictLearner()
+    sync = make_weight_sync("object_store", learner, actors, bucket_mb=bucket_mb, timeout_s=600,
+                            restart=lambda j: None, max_retries=0)  # fmt: skip
     syncs = []
     gen = torch.Generator().manual_seed(0)
     try:
         for v in range(1, reps + 1):
             # New content every sync (a real round changes every weight), generated outside the timed region.
-            state = {k: t + 1e-3 * torch.randn(t.shape, generator=gen) for k, t in base.items()}
-            blob, ser_s = common.timed(lambda s=state: serialize_state_dict(s))
-            ref, put_s = common.timed(lambda b=blob: ray.put(b))
-            res, push_s = common.timed(lambda r=ref, v=v: push_weights(actors, r, version=v, timeout_s=600))
+            learner.state = {k: t + 1e-3 * torch.randn(t.shape, generator=gen) for k, t in base.items()}
+            res, total_s = common.timed(lambda v=v: sync.push(v))
             versions = ray.get([a.ready.remote() for a in actors], timeout=60)
             if any(x["policy_version"] != v for x in versions):
                 raise RuntimeError(f"sync {v}: workers report versions {[x['policy_version'] for x in versions]}")
-            mb = len(blob) / 1e6
-            syncs.append({"sync": v, "mb": mb, "serialize_s": ser_s, "put_s": put_s, "push_s": push_s,
-                          "push_reported_s": res.seconds})  # fmt: skip
-            del blob, ref, state
+            syncs.append({"sync": v, "mb": res.num_bytes / 1e6, "buckets": res.buckets, "export_s": learner.export_s,
+                          "push_s": total_s - learner.export_s, "total_s": total_s})  # fmt: skip
     finally:
         for a in actors:
             ray.kill(a)
@@ -117,20 +132,20 @@ def measure(path: Path, *, workers: int, reps: int) -> dict[str, Any]:
     # kept out of the means when there are more.
     steady = syncs[1:] or syncs
     mb = syncs[0]["mb"]
-    ser, put, push = (common.mean(s[k] for s in steady) for k in ("serialize_s", "put_s", "push_s"))
+    export, push = (common.mean(s[k] for s in steady) for k in ("export_s", "push_s"))
     return {
         "model": str(path.resolve().relative_to(common.ROOT)),
         "params_m": params / 1e6,
-        "blob_mb": mb,
+        "weights_mb": mb,
+        "buckets": syncs[0]["buckets"],
         "backend": info[0]["backend"],
         "workers": workers,
-        "first_push_s": syncs[0]["push_s"],
-        "serialize_s": ser,
-        "put_s": put,
+        "first_sync_s": syncs[0]["total_s"],
+        "export_s": export,
         "push_s": push,
         "push_mb_per_s": mb / push,
-        "end_to_end_s": ser + put + push,
-        "end_to_end_mb_per_s": mb / (ser + put + push),
+        "end_to_end_s": export + push,
+        "end_to_end_mb_per_s": mb / (export + push),
         "syncs": syncs,
     }
 
@@ -140,6 +155,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), help="default: tiny 10m 100m quick, all full")
     p.add_argument("--workers", type=int, help="rollout workers receiving each sync; default 1 quick, 2 full")
     p.add_argument("--reps", type=int, help="syncs per size; default 3 quick, 5 full")
+    p.add_argument("--bucket-mb", type=float, default=512.0, help="sync.bucket_mb (default: the config's default)")
     args = p.parse_args()
     common.setup()
     started = time.perf_counter()
@@ -156,19 +172,20 @@ def main() -> None:
         for name in sizes:
             path = build(SIZES[name])
             print(f"[bench] {name}: {path}", flush=True)
-            results.append({"size": name, **measure(path, workers=workers, reps=reps)})
+            results.append({"size": name, **measure(path, workers=workers, reps=reps, bucket_mb=args.bucket_mb)})
     finally:
         common.shutdown_ray()
-    headers = ["size", "params (M)", "blob MB", "serialize s", "put s", "push s", "push MB/s", "end-to-end s",
-               "end-to-end MB/s", "first push s"]  # fmt: skip
-    rows = [[r["size"], r["params_m"], r["blob_mb"], r["serialize_s"], r["put_s"], r["push_s"], r["push_mb_per_s"],
-             r["end_to_end_s"], r["end_to_end_mb_per_s"], r["first_push_s"]] for r in results]  # fmt: skip
+    headers = ["size", "params (M)", "weights MB", "buckets", "export s", "push s", "push MB/s", "end-to-end s",
+               "end-to-end MB/s", "first sync s"]  # fmt: skip
+    rows = [[r["size"], r["params_m"], r["weights_mb"], r["buckets"], r["export_s"], r["push_s"], r["push_mb_per_s"],
+             r["end_to_end_s"], r["end_to_end_mb_per_s"], r["first_sync_s"]] for r in results]  # fmt: skip
     table = (
         f"### weight sync (object store, {workers} worker(s), {results[0]['backend'] if results else '?'} backend, "
         f"mean of syncs 2..{reps})\n\n" + common.markdown_table(headers, rows, digits=3)
     )
     common.write_result(args.out, NAME, quick=args.quick,
-                        settings={"sizes": sizes, "workers": workers, "reps": reps, "strategy": "object_store"},
+                        settings={"sizes": sizes, "workers": workers, "reps": reps, "strategy": "object_store",
+                                  "bucket_mb": args.bucket_mb},
                         results=results, tables=[table], machine_info=info, started=started)  # fmt: skip
 
 

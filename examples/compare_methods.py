@@ -290,7 +290,7 @@ def heldout_pairs(cfg: Any, path: Path) -> Path:
     from omni_ray.models.tiny import encode_prompt
     from omni_ray.pairs import build_pairs, scored_samples
     from omni_ray.rollout.worker import RolloutWorker
-    from omni_ray.scoring.scorers import ArithVerifier
+    from omni_ray.scoring import ArithVerifier
 
     seed = cfg.run.seed
     prompts = ArithTask(max_operand=cfg.data.max_operand, seed=seed, eval_size=cfg.data.eval_prompts).eval_prompts()

@@ -1,5 +1,5 @@
-"""`omni-ray train CONFIG [key=value ...]`, `omni-ray make-tiny [key=value ...]`, `omni-ray eval CHECKPOINT_OR_RUN`
-and `omni-ray plot RUN_DIR`."""
+"""`omni-ray train CONFIG [key=value ...]`, `omni-ray plan CONFIG`, `omni-ray config [CONFIG] [--keys PREFIX]`,
+`omni-ray make-tiny [key=value ...]`, `omni-ray eval CHECKPOINT_OR_RUN` and `omni-ray plot RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,20 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the online round loop (locally, or inside `ray job submit`)")
     t.add_argument("config", nargs="?", help="YAML config (configs/local_tiny.yaml); defaults when omitted")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.beta=3.5 run.rounds=5")
+    pn = sub.add_parser(
+        "plan",
+        help="GPU memory per role and GPU that the config needs, and whether it fits",
+        description="Reads the model's architecture (a local dir, the HF cache, or the numbers omni-ray carries for "
+        "the shipped configs' models); no weights, no GPU (omni_ray/plan.py).",
+    )
+    pn.add_argument("config", nargs="?", help="YAML config")
+    pn.add_argument("overrides", nargs="*")
+    pn.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of each GPU (default 80)")
+    pn.add_argument("--phases", action="store_true", help="every phase of every GPU, not only each one's peak")
+    c = sub.add_parser("config", help="the resolved config: every key with its value, rule, default and help")
+    c.add_argument("config", nargs="?", help="YAML config; defaults when omitted")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--keys", default="", help="only keys starting with this (e.g. loss)")
     m = sub.add_parser("make-tiny", help="build the offline tiny model + tokenizer at model.path (warm-started)")
     m.add_argument("config", nargs="?", help="YAML config whose model.* / data.* / run.seed to use")
     m.add_argument("overrides", nargs="*")
@@ -68,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"omni-ray: config error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "config":
+        from omni_ray.config_help import describe
+
+        print(describe(cfg, args.keys))
+        return 0
+    if args.command == "plan":
+        return _plan(cfg, args)
     if args.command == "make-tiny":
         from omni_ray.driver import ensure_model
 
@@ -75,10 +96,27 @@ def main(argv: list[str] | None = None) -> int:
         print(ensure_model(cfg))
         return 0
     from omni_ray.driver import train
+    from omni_ray.plan import PlanError
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except PlanError as exc:
+        print(f"omni-ray: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary[k] for k in ("rounds_completed", "initial_eval", "final_eval", "wall_s")}, indent=2))
     return 0
+
+
+def _plan(cfg, args: argparse.Namespace) -> int:
+    from omni_ray.plan import PlanError, format_plan, plan_memory
+
+    try:
+        plan = plan_memory(cfg, args.gpu_mem_gib)
+    except PlanError as exc:
+        print(f"omni-ray plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, all_phases=args.phases))
+    return 0 if plan.fits else 1
 
 
 def _eval(args: argparse.Namespace) -> int:

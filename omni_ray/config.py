@@ -55,6 +55,7 @@ class RunConfig:
     save_checkpoints: bool = _f(True, help="write checkpoints/round_NNNN/ at the end of every round")
     keep_checkpoints: int = _f(2, ge=1, help="newest checkpoints kept; older ones are deleted after a good save")
     dump_rollouts: bool = _f(False, help="write every round's scored samples to rounds/round_NNNN/samples.jsonl")
+    save_merged: bool = _f(False, help="LoRA: also write the merged model (HF layout) to checkpoints/*/merged/")
 
 
 @dataclass
@@ -67,9 +68,17 @@ class TinyModelConfig:
     num_kv_heads: int = _f(4, gt=0)
     intermediate_size: int = _f(512, gt=0)
     max_position_embeddings: int = _f(64, gt=0)
-    sft_steps: int = _f(330, ge=0, help="warm-start SFT steps; stop while accuracy rises (docs/methods.md sec. 5)")
-    sft_lr: float = _f(1e-3, gt=0)
-    sft_batch_size: int = _f(64, gt=0)
+    sft_target_accuracy: float = _f(
+        0.30,
+        ge=0,
+        le=1,
+        help="warm-start SFT stops at the first held-out greedy check at or above this accuracy, while accuracy "
+        "still rises (docs/methods.md sec. 5); 1: train sft_max_steps",
+    )
+    sft_max_steps: int = _f(1000, ge=0, help="warm-start SFT step cap; reaching it below the target logs a warning")
+    sft_check_every: int = _f(10, gt=0, help="warm-start SFT steps between held-out accuracy checks (~2 steps' cost)")
+    sft_lr: float = _f(1e-3, gt=0, help="warm-start SFT learning rate (AdamW, 50 warm-up steps, then constant)")
+    sft_batch_size: int = _f(64, gt=0, help="warm-start SFT problems per step")
 
 
 @dataclass
@@ -188,12 +197,14 @@ class PopConfig:
     judge_max_model_len: int = _f(0, ge=0, help="labels=judge: token budget; 0: the model's max positions")
     judge_batch_size: int = _f(64, gt=0)
     judge_both_orders: bool = _f(False, help="ask with both pair orders; disagreeing verdicts count as no label")
+    timeout_s: float = _f(300.0, gt=0, help="a PoP estimator call (judge labels included) that takes longer raises")
+    max_retries: int = _f(2, ge=0, help="a PoP estimator that dies mid-call is restarted and the call retried")
 
 
 @dataclass
 class LossConfig:
-    name: str = _f("omni_pop", choices=_loss_names)
-    beta: float = _f(2.0, gt=0)
+    name: str = _f("omni_pop", choices=_loss_names, help="the objective (docs/methods.md sec. 1-3)")
+    beta: float = _f(2.0, gt=0, help="inverse temperature of the implicit reward (log-ratio scale)")
     eta: float = _f(0.7, ge=0, help="Omni-DPO quality weight sharpness")
     gamma: float = _f(3.0, ge=0, help="Omni-DPO focal exponent of the performance weight")
     tau_ref: float = _f(1.0, help="Omni-DPO performance-weight offset")
@@ -212,6 +223,18 @@ class LossConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (omni_ray/models/adapters.py); rank 0 trains every weight."""
+
+    rank: int = _f(0, ge=0, help="adapter rank; 0: full fine-tuning")
+    alpha: float = _f(16.0, gt=0, help="scaling alpha / rank of the adapter's update")
+    dropout: float = _f(0.0, ge=0, lt=1)
+    target_modules: list[str] = _f(
+        [], help="module names to adapt (e.g. [q_proj, v_proj]); empty: every linear projection of the decoder layers"
+    )
+
+
+@dataclass
 class LearnerConfig:
     num_workers: int = _f(2, ge=1, help="DeepSpeed ranks")
     num_cpus: float = _f(0.5, gt=0)
@@ -223,8 +246,17 @@ class LearnerConfig:
     warmup_ratio: float = _f(0.0, ge=0, le=1)
     epochs: int = _f(2, ge=1, help="passes over a round's pairs")
     batch_size: int = _f(32, gt=0, help="global batch (pairs) per optimizer step, split over ranks")
+    micro_batch_size: int = _f(
+        0, ge=0, help="pairs per rank per forward/backward (gradients accumulate); 0: a rank's whole share at once"
+    )
+    max_tokens_per_micro_batch: int = _f(
+        0, ge=0, help="cut a rank's share by padded tokens (chosen + rejected) instead; 0: off"
+    )
+    gradient_checkpointing: bool = _f(False, help="recompute each layer's activations in the backward pass (HF's)")
+    ref_offload: bool = _f(False, help="reference and EMA target live on CPU between their forwards")
     grad_clip: float = _f(1.0, ge=0)
     ref_update: str = _f("fixed", choices=("fixed", "per_round"), help="reference: round-0 policy or last round's")
+    lora: LoraConfig = field(default_factory=LoraConfig)
     timeout_s: float = _f(1800.0, gt=0)
 
 
@@ -260,7 +292,9 @@ class PlacementConfig:
     colocate_rollout_gpu_share: float = _f(
         0.5, gt=0, lt=1, help="Ray GPU accounting of an engine worker on a shared GPU (the learner gets the rest)"
     )
-    sleep_level: int = _f(1, ge=1, le=2, help="vLLM sleep level while colocated (1: weights to CPU, 2: discard)")
+    sleep_level: int = _f(
+        2, ge=1, le=2, help="vLLM sleep while colocated: 2 drops the weights (the sync replaces them), 1 keeps them"
+    )
     scoring_num_gpus: float = _f(0.0, ge=0, le=1, help="GPU of the scoring actor (reward models); 0: CPU")
     timeout_s: float = _f(600.0, gt=0, help="waiting for placement groups longer than this raises")
 
@@ -515,6 +549,11 @@ def validate(cfg: OmniRayConfig) -> None:
         raise ConfigError(
             f"learner.batch_size ({cfg.learner.batch_size}) must divide by learner.num_workers "
             f"({cfg.learner.num_workers}): every rank takes an equal share of a step"
+        )
+    if cfg.learner.lora.rank > 0 and cfg.learner.ref_update == "per_round":
+        raise ConfigError(
+            "learner.ref_update=per_round with learner.lora.rank > 0: with LoRA the reference is the base model "
+            "(adapters off), which a per-round reference would have to merge into; use ref_update=fixed"
         )
     if cfg.loss.name == "cdpo" and cfg.loss.label_smoothing <= 0:
         raise ConfigError("loss.name=cdpo needs loss.label_smoothing > 0 (the cDPO epsilon)")

@@ -4,9 +4,10 @@ Plain functions, no Ray: the CLI is a thin wrapper, tests and notebooks call the
 
 What is evaluated:
 
-- **task accuracy**: greedy exact match on the held-out arith prompts (`ArithTask(seed=...).eval_prompts()`, the
-  same fixed set the driver's per-round eval uses), generated in-process by a `RolloutWorker` (HF backend by
-  default: on a tiny model it starts in a second, vLLM takes much longer to start) and checked by `ArithVerifier`;
+- **the held-out evaluation the driver runs every round** (`held_out_eval`): greedy responses to the run's fixed
+  held-out prompts (the arith task's or its prompt dataset's), generated in-process by a `RolloutWorker` (HF backend
+  by default: on a tiny model it starts in a second, vLLM takes much longer), scored by the run's own scorers, and
+  reported by `eval_metrics` (accuracy where the scorers say what is correct, the mean reward) as in the round table;
 - **preference metrics** on a set of pairs (any source `load_preference_pairs` reads: a run's
   `rounds/round_NNNN/pairs.jsonl`, UltraFeedback-style jsonl / parquet / dataset dirs): the implicit margin
   M = [L(y_w) - L_ref(y_w)] - [L(y_l) - L_ref(y_l)] per pair, pair accuracy = fraction with M > 0 (M == 0 counts as
@@ -38,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from omni_ray.data.arith import ArithTask
 from omni_ray.pairs import Pair
+from omni_ray.tracking import json_safe
 
 __all__ = [
     "EvalTarget",
@@ -71,7 +72,8 @@ class EvalTarget:
 
 
 def _is_model_dir(p: Path) -> bool:
-    return (p / "config.json").is_file()
+    """An HF model dir, or a LoRA adapter in peft's format (HF and peft load it onto its base model)."""
+    return (p / "config.json").is_file() or (p / "adapter_config.json").is_file()
 
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -162,12 +164,83 @@ def resolve_target(target: str | Path) -> EvalTarget:
 
 
 def _max_model_len(model_path: str) -> int:
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    path = Path(model_path)
+    if not (path / "config.json").is_file():  # an adapter: its base model's context
+        path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
+    cfg = json.loads((path / "config.json").read_text())
     return int(cfg.get("max_position_embeddings") or 2048)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # task accuracy
+
+NO_CORRECTNESS = "the scorers say nothing about correctness (a verifier, returned correct flags, or correct_at)"
+
+
+def eval_metrics(result: Any) -> dict[str, Any]:
+    """What a held-out evaluation reports from the scorers' result on greedy responses (the driver's per-round eval
+    and `omni-ray eval` alike): `accuracy` when the scorers say which answers are correct (else None, with the
+    reason), the mean raw reward over finite scores, and the prompt count."""
+    raw = np.asarray(result.raw_scores if result.raw_scores is not None else result.scores, dtype=np.float64)
+    finite = raw[np.isfinite(raw)]
+    out: dict[str, Any] = {
+        "accuracy": float(np.mean(result.correct)) if result.correct is not None else None,
+        "reward_mean": float(finite.mean()) if finite.size else None,
+        "prompts": int(raw.size),
+    }
+    if result.correct is None:
+        out["accuracy_reason"] = NO_CORRECTNESS
+    return out
+
+
+def held_out_eval(
+    model_path: str,
+    cfg: Any,
+    *,
+    prompts: int | None = None,
+    backend: str = "hf",
+    max_model_len: int | None = None,
+    details: bool = False,
+) -> dict[str, Any]:
+    """The driver's per-round evaluation, in-process: greedy responses of `model_path` to the run's held-out prompts
+    (the first `prompts`, default all), scored by the run's own scorers (`cfg.scoring`, with each row's reference and
+    columns), reported by `eval_metrics`. `details` adds `outputs`: per prompt its text, the greedy response, the
+    score and, where the scorers say, whether it is correct."""
+    from transformers import AutoTokenizer
+
+    from omni_ray.data.rounds import RoundPrompts
+    from omni_ray.rollout.worker import RolloutWorker
+    from omni_ray.scoring import ScoringService
+
+    t0 = time.perf_counter()
+    if prompts is not None and prompts < 1:
+        raise ValueError(f"prompts must be >= 1, got {prompts}")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    round_prompts = RoundPrompts(cfg, tokenizer)
+    eval_set = round_prompts.eval()[:prompts]
+    worker = RolloutWorker(model_path, backend=backend, seed=cfg.run.seed,
+                           max_model_len=max_model_len or _max_model_len(model_path),
+                           trust_remote_code=cfg.model.trust_remote_code)  # fmt: skip
+    try:
+        comps = worker.generate([list(p.token_ids) for p in eval_set], n=1, temperature=0.0,
+                                max_new_tokens=cfg.rollout.max_new_tokens, seed=0)  # fmt: skip
+    finally:
+        worker.close()
+    texts = [c[0].text for c in comps]
+    scorer = ScoringService.from_config(cfg.scoring, trust_remote_code=cfg.model.trust_remote_code)
+    res = scorer.score([p.text for p in eval_set], texts, **round_prompts.scoring_inputs(eval_set))
+    out: dict[str, Any] = {
+        **eval_metrics(res),
+        "backend": worker.backend_name,
+        "seed": cfg.run.seed,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "time_s": round(time.perf_counter() - t0, 3),
+    }
+    if details:
+        flags = [None] * len(texts) if res.correct is None else [bool(x) for x in res.correct]
+        out["outputs"] = [{"prompt": p.text, "response": t, "score": float(s), "correct": ok}
+                          for p, t, s, ok in zip(eval_set, texts, res.raw_scores, flags)]  # fmt: skip
+    return out
 
 
 def task_accuracy(
@@ -182,54 +255,24 @@ def task_accuracy(
     max_model_len: int | None = None,
     details: bool = False,
 ) -> dict[str, Any]:
-    """Greedy exact-match accuracy on the first `prompts` (default all) held-out arith prompts of the seed.
+    """`held_out_eval` on the built-in arith task's held-out prompts of the seed (greedy exact match)."""
+    from omni_ray.config import load_config
 
-    `details` adds `outputs`: per prompt its text, the decoded greedy response and whether it is correct."""
-    from omni_ray.models.tiny import encode_prompt
-    from omni_ray.rollout.worker import RolloutWorker
-    from omni_ray.scoring.scorers import ArithVerifier
-
-    t0 = time.perf_counter()
-    eval_set = ArithTask(max_operand=max_operand, seed=seed, eval_size=eval_size).eval_prompts()
-    if prompts is not None:
-        if prompts < 1:
-            raise ValueError(f"prompts must be >= 1, got {prompts}")
-        eval_set = eval_set[:prompts]
-    worker = RolloutWorker(
-        model_path, backend=backend, seed=seed, max_model_len=max_model_len or _max_model_len(model_path)
-    )
-    try:
-        ids = [encode_prompt(worker.tokenizer, p.text) for p in eval_set]
-        comps = worker.generate(ids, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=0)
-    finally:
-        worker.close()
-    texts = [c[0].text for c in comps]
-    res = ArithVerifier().score([p.text for p in eval_set], texts)
-    out: dict[str, Any] = {
-        "accuracy": float(np.mean(res.correct)),
-        "reward_mean": float(np.mean(res.scores)),
-        "prompts": len(eval_set),
-        "backend": worker.backend_name,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "time_s": round(time.perf_counter() - t0, 3),
-    }
-    if details:
-        out["outputs"] = [
-            {"prompt": p.text, "response": t, "correct": bool(ok)} for p, t, ok in zip(eval_set, texts, res.correct)
-        ]
-    return out
+    cfg = load_config(None, [f"run.seed={seed}", f"data.max_operand={max_operand}", f"data.eval_prompts={eval_size}",
+                             f"rollout.max_new_tokens={max_new_tokens}"])  # fmt: skip
+    return held_out_eval(model_path, cfg, prompts=prompts, backend=backend, max_model_len=max_model_len,
+                         details=details)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # preference metrics
 
 
-def _load_causal_lm(path: str) -> Any:
+def _load_causal_lm(path: str, trust_remote_code: bool = False) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
     return model
 
@@ -261,6 +304,7 @@ def implicit_margins(
     pad_id: int,
     logprobs: str = "sum",
     batch_size: int = 32,
+    trust_remote_code: bool = False,
 ) -> np.ndarray:
     """M per pair: [L(y_w) - L_ref(y_w)] - [L(y_l) - L_ref(y_l)]; without a reference, L(y_w) - L(y_l)."""
     if logprobs not in ("sum", "mean"):
@@ -268,10 +312,10 @@ def implicit_margins(
     if not pairs:
         return np.zeros(0)
     mean = logprobs == "mean"
-    pc, pr = _logps(_load_causal_lm(policy_path), pairs, pad_id, batch_size, mean)
+    pc, pr = _logps(_load_causal_lm(policy_path, trust_remote_code), pairs, pad_id, batch_size, mean)
     if reference_path is None:
         return pc - pr
-    rc, rr = _logps(_load_causal_lm(reference_path), pairs, pad_id, batch_size, mean)
+    rc, rr = _logps(_load_causal_lm(reference_path, trust_remote_code), pairs, pad_id, batch_size, mean)
     return (pc - rc) - (pr - rr)
 
 
@@ -322,6 +366,7 @@ def preference_eval(
     logprobs: str = "sum",
     batch_size: int = 32,
     limit: int | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Load pairs from `source`, tokenize (budgets default to half the model's context each; overlong pairs are
     truncated), compute implicit margins and `margin_metrics`. Load / tokenize counts ride along."""
@@ -330,7 +375,8 @@ def preference_eval(
     from omni_ray.data.preferences import load_preference_pairs, to_train_pairs
 
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(tokenizer_path or _tokenizer_dir(policy_path, None))
+    tok = AutoTokenizer.from_pretrained(tokenizer_path or _tokenizer_dir(policy_path, None),
+                                        trust_remote_code=trust_remote_code)  # fmt: skip
     ctx = _max_model_len(policy_path)
     max_prompt_tokens = max_prompt_tokens or ctx // 2
     max_response_tokens = max_response_tokens or ctx - max_prompt_tokens
@@ -341,9 +387,8 @@ def preference_eval(
     if not pairs:
         raise ValueError(f"{source}: no pairs left after tokenization ({tok_stats})")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    margins = implicit_margins(
-        pairs, policy_path, reference_path, pad_id=int(pad_id), logprobs=logprobs, batch_size=batch_size
-    )
+    margins = implicit_margins(pairs, policy_path, reference_path, pad_id=int(pad_id), logprobs=logprobs,
+                               batch_size=batch_size, trust_remote_code=trust_remote_code)  # fmt: skip
     out = margin_metrics(margins, [p.gap for p in pairs])
     out.update(
         source=str(source),
@@ -358,6 +403,17 @@ def preference_eval(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the whole `omni-ray eval`
+
+
+def _eval_config(t: EvalTarget) -> Any:
+    """The run's own config (its prompts and scorers: the eval the driver ran), or the built-in task's for a bare
+    checkpoint; the target's seed either way."""
+    from omni_ray.config import from_yaml_text, load_config
+
+    saved = Path(t.run_dir) / "config.yaml" if t.run_dir else None
+    cfg = from_yaml_text(saved.read_text()) if saved is not None and saved.is_file() else load_config()
+    cfg.run.seed = t.seed
+    return cfg
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -400,17 +456,9 @@ def evaluate(
     if seed is not None:
         t.seed = seed
     result: dict[str, Any] = {"target": str(target), **asdict(t)}
+    cfg = _eval_config(t)
     if task:
-        result["task"] = task_accuracy(
-            t.policy_path,
-            prompts=prompts,
-            seed=t.seed,
-            max_operand=t.max_operand,
-            eval_size=t.eval_prompts,
-            max_new_tokens=t.max_new_tokens,
-            backend=backend,
-            details=details,
-        )
+        result["task"] = held_out_eval(t.policy_path, cfg, prompts=prompts, backend=backend, details=details)
     if preferences is not None:
         ref = _reference_for(t, reference)
         result["preferences"] = preference_eval(
@@ -423,17 +471,6 @@ def evaluate(
             max_response_tokens=max_response_tokens,
             logprobs=logprobs,
             batch_size=batch_size,
+            trust_remote_code=cfg.model.trust_remote_code,
         )
-    return _json_safe(result)
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
+    return json_safe(result)

@@ -29,9 +29,9 @@ sees tells a swapped pair from an unswapped one, so at ``swap_prob = 0.5`` the e
 recorded in ``pairs.jsonl``.
 
 Score scales: ``eta`` (Omni-DPO quality weight) and ``tau_good`` / ``good_threshold`` only mean something on a
-known scale. Scorers declare their scale; ``rescale_scores`` maps a declared scale linearly to a fixed target
-range (0-10 by default) and ``rescale_per_round`` min-max normalises one round's scores (docs/methods.md sec. 2:
-"scorers must report scores on a declared scale, and the pipeline can rescale per round").
+known scale. Scorers declare their scale, and the scoring service maps it to a fixed target range
+(``omni_ray.scoring.rescale_scores`` / ``rescale_per_round``, docs/methods.md sec. 2: "scorers must report scores on
+a declared scale, and the pipeline can rescale per round").
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ __all__ = [
     "PairStats",
     "Sample",
     "build_pairs",
-    "rescale_per_round",
-    "rescale_scores",
 ]
 
 STRATEGIES: tuple[str, ...] = ("best_worst", "best_random", "math")
@@ -339,59 +337,3 @@ def build_pairs(
         )
     stats.pairs = stats.prompts_with_pairs = len(pairs)
     return pairs, stats
-
-
-def rescale_scores(
-    scores: np.ndarray | Sequence[float],
-    *,
-    scale: tuple[float, float],
-    target: tuple[float, float] = (0.0, 10.0),
-) -> np.ndarray:
-    """Map scores linearly from a scorer's declared ``scale`` (lo, hi) to ``target`` (default 0-10).
-
-    Use this when a scorer declares its range (e.g. a verifier on 0-1, a judge on 1-10) so that ``eta``,
-    ``tau_good`` and ``good_threshold`` keep their meaning. The map is affine and NOT clipped: a score outside
-    the declared scale lands outside ``target``. Non-finite scores stay non-finite (NaN stays NaN) and are dropped
-    later by ``build_pairs``. Gaps are multiplied by ``(target_hi - target_lo) / (hi - lo)``.
-
-    Raises:
-        ValueError: if ``scale`` or ``target`` is not a finite (lo, hi) with hi > lo.
-    """
-    lo, hi = _check_range("scale", scale)
-    tlo, thi = _check_range("target", target)
-    x = np.asarray(scores, dtype=np.float64)
-    return tlo + (x - lo) * ((thi - tlo) / (hi - lo))
-
-
-def rescale_per_round(scores: np.ndarray | Sequence[float], target: tuple[float, float] = (0.0, 10.0)) -> np.ndarray:
-    """Min-max normalise one round's scores to ``target`` (default 0-10).
-
-    Min and max are taken over the finite scores only; non-finite entries are returned unchanged. If all finite
-    scores are equal every finite score maps to the midpoint of ``target``. Use this when a scorer has no
-    declared scale (e.g. an unbounded reward model). Note that it makes gaps relative to the round: the same raw
-    gap means a different rescaled gap in another round.
-
-    Raises:
-        ValueError: if ``target`` is not a finite (lo, hi) with hi > lo.
-    """
-    tlo, thi = _check_range("target", target)
-    x = np.array(scores, dtype=np.float64, copy=True)
-    finite = np.isfinite(x)
-    if not finite.any():
-        return x
-    lo, hi = float(x[finite].min()), float(x[finite].max())
-    if hi == lo:
-        x[finite] = 0.5 * (tlo + thi)
-    else:
-        x[finite] = tlo + (x[finite] - lo) * ((thi - tlo) / (hi - lo))
-    return x
-
-
-def _check_range(name: str, rng_: tuple[float, float]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in rng_)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a (lo, hi) pair of numbers, got {rng_!r}") from e
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise ValueError(f"{name} must be finite with hi > lo, got {rng_!r}")
-    return lo, hi

@@ -22,6 +22,7 @@ Layout decisions (and why):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,22 +64,29 @@ class ActorSlot:
 
 @dataclass(frozen=True)
 class PlacementPlan:
+    """Every role's slot. The scoring actor is unplaced (plain requests) but counts in what the cluster must have."""
+
     groups: tuple[GroupPlan, ...]
     rollout: tuple[ActorSlot, ...]
     learner: tuple[ActorSlot, ...]
     colocated: bool
     tensor_parallel_size: int
+    scoring: ActorSlot = ActorSlot(0.0, 0.0)
 
     @property
     def uses_placement_groups(self) -> bool:
         return bool(self.groups)
 
     def total(self, resource: str) -> float:
-        """Resources the plan reserves on the cluster (bundles, or the unplaced actors' requests)."""
+        """Resources the plan reserves for rollout and learner (bundles, or the unplaced actors' requests)."""
         if self.groups:
             return sum(b.get(resource, 0.0) for g in self.groups for b in g.bundles)
         key = "num_gpus" if resource == GPU else "num_cpus"
         return sum(getattr(s, key) for s in (*self.rollout, *self.learner))
+
+    def needs(self, resource: str) -> float:
+        """What the cluster must have: the reservations plus the scoring actor (a reward model may hold a GPU)."""
+        return self.total(resource) + (self.scoring.num_gpus if resource == GPU else self.scoring.num_cpus)
 
     def rollout_engine_kwargs(self) -> dict[str, Any]:
         """vLLM `LLM(...)` arguments implied by the layout: the TP size and, for TP > 1, the Ray executor."""
@@ -119,6 +127,11 @@ def plan_placement(cfg: OmniRayConfig) -> PlacementPlan:
     Rules a single config field cannot state are checked here, so a GPU config is validated on a CPU machine by
     planning it.
     """
+    plan = _plan_roles(cfg)
+    return dataclasses.replace(plan, scoring=ActorSlot(cfg.scoring.num_cpus, cfg.placement.scoring_num_gpus))
+
+
+def _plan_roles(cfg: OmniRayConfig) -> PlacementPlan:
     rc, lc, pc = cfg.rollout, cfg.learner, cfg.placement
     tp = rc.tensor_parallel_size
     if not uses_gpus(cfg):
@@ -210,7 +223,7 @@ def check_cluster_fits(plan: PlacementPlan, nodes: Sequence[Mapping[str, float]]
     STRICT_PACK group on some single node. (A necessary check, not a full bin-packing proof.)
     """
     for res in (CPU, GPU):
-        need, have = plan.total(res), sum(n.get(res, 0.0) for n in nodes)
+        need, have = plan.needs(res), sum(n.get(res, 0.0) for n in nodes)
         if need > have + 1e-9:
             raise PlacementError(f"the plan needs {need:g} {res} but the cluster has {have:g}")
     for g in plan.groups:
@@ -286,63 +299,3 @@ def remove_placement_groups(pgs: Mapping[str, Any]) -> None:
 
     for pg in pgs.values():
         remove_placement_group(pg)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# colocation: the engines sleep while the learner trains on the same GPUs
-
-
-def _rollout_sleep(worker: Any, level: int) -> None:
-    worker._backend.sleep(level)
-
-
-def _rollout_wake(worker: Any, tags: list[str] | None) -> None:
-    worker._backend.wake_up(tags)
-
-
-class Colocation:
-    """Sleep / wake of the rollout engines around training, for rollout and learner sharing GPUs.
-
-    Order per round: generate (awake) -> `sleep()` (weights to CPU at level 1, KV cache dropped) -> train ->
-    `wake(["weights"])` -> weight sync -> `wake(["kv_cache"])` -> generate. Waking the weights alone first means the
-    sync writes into allocated weight memory while the learner still holds its states; the KV cache (usually the
-    larger part) comes back only after the sync. Runs through Ray's `__ray_call__` on the RolloutWorker actors.
-    """
-
-    def __init__(self, rollout_workers: Sequence[Any], *, level: int, timeout_s: float) -> None:
-        self.rollout = list(rollout_workers)
-        self.level = level
-        self.timeout_s = timeout_s
-        self.log: list[str] = []  # what was done, in order (tests and debugging)
-
-    def _all(self, fn: Any, *args: Any) -> None:
-        import ray
-
-        refs = [w.__ray_call__.remote(fn, *args) for w in self.rollout]
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            raise PlacementError(f"{len(pending)} rollout engines did not {fn.__name__} within {self.timeout_s:.0f}s")
-        ray.get(done)
-
-    def sleep(self) -> None:
-        self._all(_rollout_sleep, self.level)
-        self.log.append(f"sleep(level={self.level})")
-
-    def wake(self, tags: list[str] | None = None) -> None:
-        self._all(_rollout_wake, tags)
-        self.log.append(f"wake({tags})")
-
-
-class ColocatedLearner:
-    """A LearnerGroup whose `train_round` first puts the colocated rollout engines to sleep; all else delegates."""
-
-    def __init__(self, learner: Any, colocation: Colocation) -> None:
-        self.learner = learner
-        self.colocation = colocation
-
-    def train_round(self, data: Any) -> Any:
-        self.colocation.sleep()
-        return self.learner.train_round(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.learner, name)

@@ -1,6 +1,6 @@
 """DPO-PoP (arXiv 2509.22851): preference-over-preference tuples, label noise and Bradley-Terry margins.
 
-Numpy only: no Ray, no torch. See docs/methods.md sec. 3.
+Numpy and scipy only: no Ray, no torch. See docs/methods.md sec. 3.
 
 A PoP label compares two preference pairs of the round and says which one is the *stronger* preference. Here the
 labels come from the pairs' score gaps (``sample_pop_tuples``, optionally flipped with probability ``label_noise``
@@ -9,8 +9,9 @@ to simulate annotator noise, as in the paper) or from a judge (``tuples_from_lab
 
 The learner turns a tuple into the margin ``m_s = clip(stopgrad(M_target(u)), m_min, m_max)`` for the ``fixed`` /
 ``ema`` targets. The ``bt`` target is computed here instead, without the policy: ``fit_bradley_terry`` fits one
-scalar strength per pair from the tuples, and ``bt_margins`` maps strengths to margins in ``[m_min, m_max]``
-(``pop_targets_bt`` does both).
+scalar strength per pair from the tuples, and ``bt_margins`` maps strengths to margins in ``[m_min, m_max]``.
+``PopEstimator`` turns a round's tuples into ``PopItems``; a pair that is the strong side of no tuple still trains
+once, against the floor m_min (the uncompared rule).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize
 
 from omni_ray.tracking import BusyClock
 
@@ -32,7 +34,6 @@ __all__ = [
     "PopTuple",
     "bt_margins",
     "fit_bradley_terry",
-    "pop_targets_bt",
     "sample_pop_tuples",
     "tuples_from_labels",
 ]
@@ -210,9 +211,9 @@ def tuples_from_labels(comparisons: Sequence[tuple[int, int, int]]) -> list[PopT
     return out
 
 
-def _bt_objective(z: np.ndarray, s: np.ndarray, w: np.ndarray, l2: float) -> float:
-    # Negative penalised log-likelihood: sum log(1 + exp(-(z_s - z_w))) + l2/2 |z|^2.
-    return float(np.logaddexp(0.0, -(z[s] - z[w])).sum() + 0.5 * l2 * float(z @ z))
+# scipy's trust-region status "A bad approximation caused failure to predict improvement": the Newton model predicts no
+# decrease of the loss, i.e. the step's improvement is lost in the loss's round-off.
+_ROUND_OFF_STOP = 2
 
 
 def fit_bradley_terry(
@@ -228,8 +229,8 @@ def fit_bradley_terry(
     Model: ``P(i stronger than j) = sigmoid(z_i - z_j)``; maximises ``sum log sigmoid(z_strong - z_weak) -
     l2/2 * |z|^2``. The L2 term (``l2 > 0`` required) makes the problem strictly concave, so the optimum is
     unique and finite even when an item never loses (perfectly separable labels, e.g. noiseless gap labels).
-    Solved with Newton's method, the Newton system solved by conjugate gradients on Hessian-vector products
-    (no dense n x n matrix, so rounds with many pairs are fine) and a backtracking line search. Deterministic.
+    Solved by ``scipy.optimize.minimize`` with the trust-region Newton-CG method on the analytic gradient and
+    Hessian-vector products (no dense n x n matrix, so rounds with many pairs are fine). Deterministic.
 
     Items that appear in no tuple get exactly ``z = 0``. The optimum already has mean 0 (the likelihood gradient
     sums to zero, so ``l2 * sum(z) = 0``); the result is re-centred over the compared items to remove rounding,
@@ -240,71 +241,61 @@ def fit_bradley_terry(
         tuples: PoP labels; ``strong`` / ``weak`` must be in ``range(n_items)`` and differ.
         l2: ridge strength (> 0). Smaller values spread strengths further apart on separable data.
         max_iter: Newton iterations at most.
-        tol: stop when the gradient's max-norm falls below this.
+        tol: stop when the gradient's Euclidean norm falls below this, or earlier when the predicted improvement
+            of a Newton step is below the floating-point resolution of the loss (on this strictly convex problem
+            with the exact Hessian that only happens next to the optimum: measured gradient norms 1e-6 or less on
+            rounds of up to 3000 pairs).
 
     Returns:
         ``z`` of shape ``(n_items,)``, float64.
+
+    Raises:
+        ValueError: ``n_items < 0``, ``l2 <= 0``, or a tuple index outside ``range(n_items)`` or with
+            ``strong == weak`` (the message names the tuple).
+        RuntimeError: the optimiser stopped without reaching ``tol``.
     """
     if n_items < 0:
         raise ValueError(f"n_items must be >= 0, got {n_items}")
     if not (math.isfinite(l2) and l2 > 0):
         raise ValueError(f"l2 must be > 0 (it keeps the fit finite on separable labels), got {l2!r}")
     z = np.zeros(n_items, dtype=np.float64)
-    if n_items == 0 or len(tuples) == 0:
+    if len(tuples) == 0:
         return z
     s = np.fromiter((t.strong for t in tuples), dtype=np.int64, count=len(tuples))
     w = np.fromiter((t.weak for t in tuples), dtype=np.int64, count=len(tuples))
-    if s.min() < 0 or w.min() < 0 or s.max() >= n_items or w.max() >= n_items:
-        raise ValueError(f"tuple indices must be in range(n_items={n_items})")
+    outside = (s < 0) | (w < 0) | (s >= n_items) | (w >= n_items)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"PoP tuple {i} {tuples[i]} has an index outside range(n_items={n_items})")
     if np.any(s == w):
-        raise ValueError("a PoP tuple must compare two different pairs (strong != weak)")
+        i = int(np.flatnonzero(s == w)[0])
+        raise ValueError(f"PoP tuple {i} {tuples[i]} compares a pair with itself (strong == weak)")
 
-    def grad(z_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = z_[s] - z_[w]
-        p = 0.5 * (1.0 + np.tanh(0.5 * d))  # sigmoid(d), overflow-free
-        r = 1.0 - p
-        g = np.bincount(w, weights=r, minlength=n_items) - np.bincount(s, weights=r, minlength=n_items) + l2 * z_
-        return g, p * r  # gradient of the objective, per-tuple Hessian weights
+    def to_items(per_tuple: np.ndarray) -> np.ndarray:
+        # sum over tuples of per_tuple * (e_strong - e_weak)
+        won = np.bincount(s, weights=per_tuple, minlength=n_items)
+        return won - np.bincount(w, weights=per_tuple, minlength=n_items)
 
-    def hess_vec(v: np.ndarray, h: np.ndarray) -> np.ndarray:
-        u = h * (v[s] - v[w])
-        return np.bincount(s, weights=u, minlength=n_items) - np.bincount(w, weights=u, minlength=n_items) + l2 * v
+    def loss(z_: np.ndarray) -> float:
+        # Negative penalised log-likelihood: sum log(1 + exp(-(z_s - z_w))) + l2/2 |z|^2.
+        return float(np.logaddexp(0.0, -(z_[s] - z_[w])).sum() + 0.5 * l2 * float(z_ @ z_))
 
-    f = _bt_objective(z, s, w, l2)
-    for _ in range(max_iter):
-        g, h = grad(z)
-        gnorm = float(np.abs(g).max())
-        if gnorm < tol:
-            break
-        # Conjugate gradients for H d = -g (H symmetric positive definite), inexact-Newton tolerance.
-        d = np.zeros_like(z)
-        res = -g.copy()
-        p_dir = res.copy()
-        rs = float(res @ res)
-        cg_tol = min(0.5, math.sqrt(float(np.linalg.norm(g)))) * float(np.linalg.norm(g))
-        for _ in range(max(10, n_items)):
-            if math.sqrt(rs) <= cg_tol:
-                break
-            hp = hess_vec(p_dir, h)
-            alpha = rs / float(p_dir @ hp)
-            d += alpha * p_dir
-            res -= alpha * hp
-            rs_new = float(res @ res)
-            p_dir = res + (rs_new / rs) * p_dir
-            rs = rs_new
-        # Backtracking (Armijo) line search; the objective is convex so the full step is usually accepted.
-        slope = float(g @ d)
-        step = 1.0
-        while True:
-            z_new = z + step * d
-            f_new = _bt_objective(z_new, s, w, l2)
-            if f_new <= f + 1e-4 * step * slope or step < 1e-10:
-                break
-            step *= 0.5
-        if f - f_new <= 0 and step < 1e-10:
-            break
-        z, f = z_new, f_new
+    def loser_probability(z_: np.ndarray) -> np.ndarray:
+        return 0.5 * (1.0 - np.tanh(0.5 * (z_[s] - z_[w])))  # sigmoid(-(z_s - z_w)), overflow-free
 
+    def gradient(z_: np.ndarray) -> np.ndarray:
+        return l2 * z_ - to_items(loser_probability(z_))
+
+    def hessian_times(z_: np.ndarray, v: np.ndarray) -> np.ndarray:
+        q = loser_probability(z_)
+        return l2 * v + to_items(q * (1.0 - q) * (v[s] - v[w]))
+
+    result = minimize(
+        loss, z, jac=gradient, hessp=hessian_times, method="trust-ncg", options={"gtol": tol, "maxiter": max_iter}
+    )
+    if not result.success and result.status != _ROUND_OFF_STOP:
+        raise RuntimeError(f"Bradley-Terry fit on {n_items} items did not converge: {result.message}")
+    z = result.x
     compared = np.zeros(n_items, dtype=bool)
     compared[s] = True
     compared[w] = True
@@ -335,37 +326,13 @@ def bt_margins(z: np.ndarray | Sequence[float], *, m_min: float, m_max: float) -
     return np.clip(m_min + (x - lo) * ((m_max - m_min) / (hi - lo)), m_min, m_max)
 
 
-def pop_targets_bt(
-    gaps: Sequence[float] | np.ndarray,
-    *,
-    strategy: str = "iterative",
-    k: int = 1,
-    label_noise: float = 0.0,
-    rng: np.random.Generator,
-    m_min: float,
-    m_max: float,
-    l2: float = 1e-2,
-) -> tuple[np.ndarray, list[PopTuple], PopStats]:
-    """``bt`` PoP target: sample gap-labelled tuples, fit Bradley-Terry, map strengths to margins.
-
-    In BT mode each pair's margin comes from its own fitted strength: ``margins[i] = bt_margins(z)[i]`` (not from
-    a weak partner, unlike the ``fixed`` / ``ema`` targets). Pairs in no tuple get ``z = 0`` (the mean strength).
-
-    Returns:
-        ``(margins, tuples, stats)`` with ``margins`` of shape ``(len(gaps),)``.
-    """
-    tuples, stats = sample_pop_tuples(gaps, strategy=strategy, k=k, label_noise=label_noise, rng=rng)
-    n = int(np.asarray(gaps).reshape(-1).size)
-    z = fit_bradley_terry(n, tuples, l2=l2)
-    return bt_margins(z, m_min=m_min, m_max=m_max), tuples, stats
-
-
 class PopEstimator:
     """The PoP margin-estimator role: turns a round's pair gaps into training items (plain class; a Ray actor).
 
-    Each item is ``(strong, weak, margin)``: the strong pair trains, against the weak partner's margin. For the
-    ``ema`` / ``fixed`` targets the learner computes that margin from the model (``margin`` is NaN here); for ``bt``
-    it is the weak pair's Bradley-Terry margin, so every target means the same thing: *s must beat u's margin*.
+    Each item (a row of :class:`PopItems`) is ``(strong, weak, margin)``: the strong pair trains, against the weak
+    partner's margin. For the ``ema`` / ``fixed`` targets the learner computes that margin from the model (``margin``
+    is NaN here); for ``bt`` it is the weak pair's Bradley-Terry margin, so every target means the same thing: *s must
+    beat u's margin*. A pair PoP could not compare (strong in no tuple) trains against the floor m_min (``weak`` -1).
 
     ``labels`` says who decides which pair of a comparison is the stronger: ``gap`` (the score gaps, optionally
     flipped with ``label_noise``) or ``judge`` (an LLM, :class:`omni_ray.scoring.judge.PopJudge`). With a judge,
@@ -435,37 +402,56 @@ class PopEstimator:
 
     def training_items(
         self, gaps: Sequence[float], round_index: int, pairs: Sequence[Any] | None = None
-    ) -> tuple[list[tuple[int, int, float]], dict]:
-        """Items ``(strong, weak, margin)`` and counters for one round.
+    ) -> tuple[PopItems, dict]:
+        """The round's training items and counters.
+
+        Every labelled tuple ``(strong=s, weak=u)`` is an item: ``s`` trains against ``u``'s margin (``bt``: the
+        estimator's margin of ``u``; ``ema`` / ``fixed``: NaN, the learner computes it). Every pair that is the strong
+        side of no tuple (iterative: no weaker partner, e.g. all gaps equal under a binary verifier; random: it drew
+        only ties or the weak role; judge: no verdict) trains once against the floor: ``(strong=i, weak=-1,
+        margin=m_min)``, i.e. plain DPO / Omni-DPO with margin m_min (docs/methods.md sec. 3). Items follow the
+        tuples' order, then the uncompared pairs in index order; ``uncompared`` in the counters counts the latter.
+        So a round with pairs never has zero items.
 
         ``pairs`` (needed with ``labels=judge``, ignored otherwise): per gap, the pair's ``(prompt, chosen,
         rejected)`` texts or an object with those attributes (``omni_ray.pairs.Pair``).
         """
         with self.clock.timing("pop"):
-            return self._training_items(gaps, round_index, pairs)
+            n = int(np.asarray(gaps).reshape(-1).size)
+            rng = np.random.default_rng([self.seed, 13, round_index])
+            if self.labels == "judge":
+                tuples, stats = self._judge_tuples(gaps, pairs, rng)
+            else:
+                sampled, counters = sample_pop_tuples(
+                    gaps, strategy=self.strategy, k=self.k, label_noise=self.label_noise, rng=rng
+                )
+                tuples, stats = sampled, counters.as_dict()
+            items = self._items(n, tuples)
+            stats["uncompared"] = int(np.count_nonzero(items.weak == -1))
+            return items, stats
 
     def busy(self) -> dict[str, float]:
         """Seconds spent building training items (and judging, with labels=judge) since start-up."""
         return self.clock.totals()
 
-    def _training_items(
-        self, gaps: Sequence[float], round_index: int, pairs: Sequence[Any] | None
-    ) -> tuple[list[tuple[int, int, float]], dict]:
-        rng = np.random.default_rng([self.seed, 13, round_index])
-        kw = dict(strategy=self.strategy, k=self.k, label_noise=self.label_noise, rng=rng)
-        if self.labels == "judge":
-            return self._judge_items(gaps, pairs, rng)
+    def _items(self, n: int, tuples: Sequence[PopTuple]) -> PopItems:
+        """One item per tuple, then one floor item per pair that is strong in no tuple."""
+        strong = np.fromiter((t.strong for t in tuples), dtype=np.int64, count=len(tuples))
+        weak = np.fromiter((t.weak for t in tuples), dtype=np.int64, count=len(tuples))
         if self.target == "bt":
-            margins, tuples, stats = pop_targets_bt(gaps, m_min=self.m_min, m_max=self.m_max, **kw)
-            items = [(t.strong, t.weak, float(margins[t.weak])) for t in tuples]
+            margin = bt_margins(fit_bradley_terry(n, tuples), m_min=self.m_min, m_max=self.m_max)[weak]
         else:
-            tuples, stats = sample_pop_tuples(gaps, **kw)
-            items = [(t.strong, t.weak, math.nan) for t in tuples]
-        return items, stats.as_dict()
+            margin = np.full(len(tuples), np.nan)
+        uncompared = np.setdiff1d(np.arange(n, dtype=np.int64), strong)
+        return PopItems(
+            strong=np.concatenate([strong, uncompared]),
+            weak=np.concatenate([weak, np.full(uncompared.size, -1, dtype=np.int64)]),
+            margin=np.concatenate([margin, np.full(uncompared.size, float(self.m_min))]),
+        )
 
-    def _judge_items(
+    def _judge_tuples(
         self, gaps: Sequence[float], pairs: Sequence[Any] | None, rng: np.random.Generator
-    ) -> tuple[list[tuple[int, int, float]], dict]:
+    ) -> tuple[list[PopTuple], dict]:
         from omni_ray.scoring.judge import judge_comparisons
 
         n = int(np.asarray(gaps).reshape(-1).size)
@@ -475,14 +461,9 @@ class PopEstimator:
         candidates, stats = sample_pop_tuples(gaps, strategy=self.strategy, k=self.k, label_noise=0.0, rng=rng)
         comparisons, jstats = judge_comparisons(self.judge, pairs, [(t.strong, t.weak) for t in candidates], rng=rng)
         tuples = tuples_from_labels(comparisons)
-        if self.target == "bt":
-            margins = bt_margins(fit_bradley_terry(n, tuples), m_min=self.m_min, m_max=self.m_max)
-            items = [(t.strong, t.weak, float(margins[t.weak])) for t in tuples]
-        else:
-            items = [(t.strong, t.weak, math.nan) for t in tuples]
         out: dict[str, Any] = stats.as_dict()
         out["tuples"] = len(tuples)
         out.update({f"judge_{k}": v for k, v in jstats.items()})
         out["judge_agree_with_gap"] = jstats["agree_with_first"]
         del out["judge_agree_with_first"]
-        return items, out
+        return tuples, out

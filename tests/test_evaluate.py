@@ -30,7 +30,7 @@ def random_tiny_dir(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("eval_models") / "tiny"
     return str(make_tiny(out, seed=0, eval_prompts=50, hidden_size=64, num_heads=2, num_kv_heads=1,
-                         intermediate_size=128, num_layers=2, sft_steps=0))  # fmt: skip
+                         intermediate_size=128, num_layers=2, sft_target_accuracy=None, sft_max_steps=0))  # fmt: skip
 
 
 def _fake_model(d: Path) -> Path:

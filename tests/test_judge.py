@@ -2,12 +2,15 @@
 
 The tiny model's opinions are noise; what is checked is that every score / verdict is exactly what the parsing
 rules read from the real generated text, that batches and counters add up, and that nothing unreadable is guessed.
+Each tiny-model test also asserts that something was scored or labelled, so no check passes on an empty list; the
+exact verdicts of the parsing rules are checked with a scripted engine (:class:`ScriptedEngine`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,7 @@ import pytest
 from omni_ray.config import ConfigError, ScorerSpec, load_config
 from omni_ray.pop import PopEstimator, sample_pop_tuples, tuples_from_labels
 from omni_ray.rollout.worker import RolloutWorker
-from omni_ray.scoring import JudgeScorer, PopJudge, ScoringService, build_scorer, judge_comparisons
+from omni_ray.scoring import CorrectAtScorer, JudgeScorer, PopJudge, ScoringService, build_scorer, judge_comparisons
 from omni_ray.scoring.judge import parse_choice, parse_rating, verdicts_from_outputs
 
 RATING_TEMPLATE = "{prompt}{response}="  # the tiny tokenizer only knows 0-9 + - * = and space
@@ -29,7 +32,7 @@ RESPONSES = ["3", "15", "14", "77", "9", "100", "4"]
 def judge_model_dir(tmp_path_factory) -> str:
     from omni_ray.models.tiny import make_tiny
 
-    return str(make_tiny(tmp_path_factory.mktemp("judge") / "tiny", seed=0, sft_steps=0))
+    return str(make_tiny(tmp_path_factory.mktemp("judge") / "tiny", seed=0, sft_target_accuracy=None, sft_max_steps=0))
 
 
 class RecordingEngine:
@@ -63,13 +66,32 @@ def pair_texts(n: int) -> list[tuple[str, str, str]]:
 
 def choices_the_model_says(engine: Any, a: list[Any], b: list[Any]) -> tuple[str, str]:
     """Two answers the untrained model actually gives to these comparisons (so readable verdicts occur next to
-    unreadable ones), found by a probe call; ("A", "B"), never emitted, when it says fewer than two."""
+    unreadable ones), found by a probe call; the test fails here if the model says fewer than two."""
     probe = PopJudge(engine, template=POP_TEMPLATE, choices=("A", "B"), max_new_tokens=2)
     probe.compare(a, b)
     said = Counter(o.strip() for o in probe.last_outputs if o and o.strip().isdigit())
     engine.batches.clear()
     common = [text for text, _ in said.most_common(2)]
-    return (common[0], common[1]) if len(common) == 2 else ("A", "B")
+    assert len(common) == 2, f"the tiny judge gave fewer than two numeric answers: {probe.last_outputs}"
+    return common[0], common[1]
+
+
+class ScriptedEngine:
+    """A fake engine, not an LLM: the tiny model's outputs cannot be chosen, so the tests that expect exact scores
+    and verdicts script them. It answers each prompt with the next scripted text (has ``generate`` / ``tokenizer``
+    / ``max_model_len`` like a RolloutWorker) and records the prompts it was shown, decoded."""
+
+    def __init__(self, *texts: str) -> None:
+        from omni_ray.models.tiny import build_tokenizer
+
+        self.tokenizer = build_tokenizer()
+        self.max_model_len = 64
+        self.texts = list(texts)
+        self.shown: list[str] = []
+
+    def generate(self, prompt_token_ids: list[list[int]], **kwargs: Any) -> list[list[SimpleNamespace]]:
+        self.shown += [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompt_token_ids]
+        return [[SimpleNamespace(text=self.texts.pop(0))] for _ in prompt_token_ids]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,16 +150,17 @@ def test_both_orders_keeps_only_agreeing_verdicts_and_counts_each_failure():
 
 
 def test_judge_scores_are_what_the_generated_text_says_in_batches_with_unparseable_counted(engine):
-    judge = JudgeScorer(engine, template=RATING_TEMPLATE, scale=(0, 5), max_new_tokens=2, batch_size=3)
+    judge = JudgeScorer(engine, template=RATING_TEMPLATE, scale=(0, 99), max_new_tokens=2, batch_size=3)
     res = judge.score(PROMPTS, RESPONSES)
     assert [len(b) for b in engine.batches] == [3, 3, 1]
     tok = engine.tokenizer
     shown = [tok.decode(ids, skip_special_tokens=True) for batch in engine.batches for ids in batch]
     assert shown == [p + r + "=" for p, r in zip(PROMPTS, RESPONSES)]
     assert all(ids[0] == tok.bos_token_id for batch in engine.batches for ids in batch)
-    assert len(res) == len(PROMPTS) and res.scale == (0.0, 5.0)
+    assert len(res) == len(PROMPTS) and res.scale == (0.0, 99.0)
+    assert np.isfinite(res.scores).any(), f"nothing scored: {judge.last_outputs}"
     for score, text in zip(res.scores, judge.last_outputs):
-        expected = parse_rating(text, (0.0, 5.0))
+        expected = parse_rating(text, (0.0, 99.0))
         assert (math.isnan(score) and expected is None) or score == expected
     assert res.unparseable == int(np.isnan(res.scores).sum()) == judge.last_stats["unparseable"]
     assert judge.last_stats == {"n": 7, "unparseable": res.unparseable, "too_long": 0, "engine_calls": 3}
@@ -150,7 +173,7 @@ def test_rating_prompt_that_does_not_fit_scores_nan_counted_and_is_never_generat
     judge = JudgeScorer(engine, template=RATING_TEMPLATE, scale=(0, 9), max_new_tokens=4)
     long_response = "1" * 60  # BOS + prompt + 60 + "=" + 4 new tokens > 64
     res = judge.score(["1+2=", "3+4="], ["3", long_response])
-    assert math.isnan(res.scores[1]) and judge.last_outputs[1] is None
+    assert math.isnan(res.scores[1]) and judge.last_outputs[1] is None and isinstance(judge.last_outputs[0], str)
     assert judge.last_stats["too_long"] == 1 and res.unparseable == judge.last_stats["unparseable"] + 1
     assert [len(b) for b in engine.batches] == [1]
 
@@ -162,17 +185,32 @@ def test_judge_spec_builds_through_build_scorer_and_service_reports_unparseable(
         backend="hf",
         template=RATING_TEMPLATE,
         scale_low=0,
-        scale_high=5,
+        scale_high=99,
         max_new_tokens=2,
         batch_size=4,
     )
     scorer = build_scorer([spec])
-    assert isinstance(scorer, JudgeScorer) and scorer.batch_size == 4 and scorer._engine.max_model_len == 64
+    assert isinstance(scorer, JudgeScorer) and scorer.batch_size == 4 and scorer.generator.max_model_len == 64
     res = ScoringService(scorer, rescale="declared").score(PROMPTS, RESPONSES)
     assert res.unparseable == res.nonfinite == int(np.isnan(res.raw_scores).sum())
-    assert res.metrics()["score/unparseable"] == float(res.unparseable)
+    assert res.nonfinite < len(PROMPTS), f"nothing scored: {scorer.last_outputs}"
     assert scorer.last_stats["engine_calls"] == 2
     scorer.close()
+
+
+def test_scripted_ratings_are_read_exactly_and_unreadable_ones_counted():
+    engine = ScriptedEngine("7", " 8/10", "great", "11", "2.5 stars")
+    judge = JudgeScorer(engine, template=RATING_TEMPLATE, scale=(0, 10), max_new_tokens=3, batch_size=2)
+    res = judge.score(PROMPTS[:5], RESPONSES[:5])
+    np.testing.assert_array_equal(res.scores, [7.0, 8.0, np.nan, np.nan, 2.5])  # "11" is off the scale
+    assert res.unparseable == 2 and judge.last_stats == {"n": 5, "unparseable": 2, "too_long": 0, "engine_calls": 3}
+    assert engine.shown == [p + r + "=" for p, r in zip(PROMPTS[:5], RESPONSES[:5])]
+
+
+def test_scripted_judge_with_correct_at_reports_an_accuracy_through_the_service():
+    judge = JudgeScorer(ScriptedEngine("9", "4", "x"), template=RATING_TEMPLATE, scale=(0, 10))
+    res = ScoringService(CorrectAtScorer(judge, 5.0), rescale="none").score(PROMPTS[:3], RESPONSES[:3])
+    assert res.correct.tolist() == [True, False, False] and res.unparseable == 1
 
 
 def test_judge_templates_are_validated(engine):
@@ -214,7 +252,8 @@ def test_pop_judge_verdicts_are_read_from_the_generated_text_and_failures_counte
     assert len(verdicts) == 6 and set(verdicts) <= {0, 1, None}
     expected, _ = verdicts_from_outputs(judge.last_outputs, choices, both_orders=both_orders)
     assert verdicts == expected
-    if not both_orders and choices != ("A", "B"):
+    assert any(o is not None and parse_choice(o, choices) is not None for o in judge.last_outputs)
+    if not both_orders:
         assert verdicts.count(0) >= 1 and verdicts.count(1) >= 1  # the probe saw both answers
     stats = judge.last_stats
     assert verdicts.count(None) == stats["unparseable"] + stats["too_long"] + stats["inconsistent"]
@@ -222,6 +261,40 @@ def test_pop_judge_verdicts_are_read_from_the_generated_text_and_failures_counte
     tok = engine.tokenizer
     first = tok.decode(engine.batches[0][0], skip_special_tokens=True)
     assert first == POP_TEMPLATE.format(chosen_a=a[0][1], rejected_a=a[0][2], chosen_b=b[0][1], rejected_b=b[0][2])
+
+
+DIGIT_PAIRS = [("1+1=", str(k), str(10 + k)) for k in range(6)]  # texts the tiny tokenizer encodes and decodes
+
+
+def test_scripted_pop_verdicts_are_exact():
+    engine = ScriptedEngine("A", " B.", "Answer: B", "a", "AB")
+    judge = PopJudge(engine, template=POP_TEMPLATE, max_new_tokens=3)
+    assert judge.compare(DIGIT_PAIRS[:5], DIGIT_PAIRS[1:6]) == [0, 1, 1, None, None]
+    assert judge.last_stats["unparseable"] == 2 and judge.last_stats["compared"] == 5
+
+
+def test_scripted_pop_verdicts_in_both_orders_keep_only_agreeing_answers():
+    #                       as given:     A    B    A  |  swapped:  B    A    A
+    judge = PopJudge(ScriptedEngine("A", "B", "A", "B", "A", "A"), template=POP_TEMPLATE, both_orders=True)
+    assert judge.compare(DIGIT_PAIRS[:3], DIGIT_PAIRS[3:]) == [0, 1, None]
+    assert judge.last_stats["inconsistent"] == 1 and judge.last_stats["engine_calls"] == 1
+
+
+def test_judge_comparisons_with_a_scripted_judge_naming_the_first_pair_shown():
+    candidates = [(1, 0), (3, 2), (5, 4), (0, 3), (2, 5), (4, 1)]
+    engine = ScriptedEngine(*["A"] * len(candidates))
+    comps, stats = judge_comparisons(PopJudge(engine, template=POP_TEMPLATE), DIGIT_PAIRS, candidates,
+                                     rng=np.random.default_rng(1))  # fmt: skip
+    swapped = np.random.default_rng(1).random(len(candidates)) < 0.5  # the documented display-order draw
+    shown = [(j, i) if s else (i, j) for (i, j), s in zip(candidates, swapped)]
+    assert comps == [(i, j, a) for (i, j), (a, _) in zip(candidates, shown)]  # "A": the first pair shown wins
+    assert stats == {"candidates": 6, "labelled": 6, "no_label": 0, "agree_with_first": int((~swapped).sum())}
+    pair = DIGIT_PAIRS
+    expected_prompts = [
+        POP_TEMPLATE.format(chosen_a=pair[a][1], rejected_a=pair[a][2], chosen_b=pair[b][1], rejected_b=pair[b][2])
+        for a, b in shown
+    ]
+    assert engine.shown == expected_prompts
 
 
 class GapOracleJudge:
@@ -264,6 +337,7 @@ def test_judge_comparisons_with_the_tiny_pop_judge_leave_unlabelled_comparisons_
     judge = PopJudge(engine, template=POP_TEMPLATE, choices=("33", "32"), max_new_tokens=2)
     candidates = [(1, 0), (3, 2), (5, 4), (0, 3), (2, 5), (4, 1)]
     comps, stats = judge_comparisons(judge, PAIRS, candidates, rng=np.random.default_rng(1))
+    assert stats["labelled"] >= 1, f"nothing labelled: {judge.last_outputs}"
     assert stats["labelled"] == len(comps) == 6 - judge.last_stats["unparseable"] - judge.last_stats["too_long"]
     assert stats["labelled"] + stats["no_label"] == 6
     assert all((i, j) in candidates and w in (i, j) for i, j, w in comps)
@@ -285,11 +359,12 @@ def test_estimator_with_a_judge_that_agrees_with_the_gaps_reproduces_gap_labels(
     by_judge, stats = estimator(target=target, labels="judge", judge=GapOracleJudge()).training_items(
         GAPS, round_index=2, pairs=PAIRS
     )
-    assert [(s, w) for s, w, _ in by_judge] == [(s, w) for s, w, _ in by_gap]
-    if target == "bt":
-        np.testing.assert_allclose([m for *_, m in by_judge], [m for *_, m in by_gap])
-    assert stats["tuples"] == gap_stats["tuples"] == len(by_judge)
-    assert stats["judge_labelled"] == stats["judge_agree_with_gap"] == len(by_judge) and stats["judge_no_label"] == 0
+    assert stats["tuples"] >= 1
+    np.testing.assert_array_equal(by_judge.strong, by_gap.strong)
+    np.testing.assert_array_equal(by_judge.weak, by_gap.weak)
+    np.testing.assert_allclose(by_judge.margin, by_gap.margin)  # NaN where the learner computes it (ema)
+    assert stats["tuples"] == gap_stats["tuples"] and stats["uncompared"] == gap_stats["uncompared"]
+    assert stats["judge_labelled"] == stats["judge_agree_with_gap"] == stats["tuples"] and stats["judge_no_label"] == 0
 
 
 def test_estimator_refuses_judge_labels_without_a_judge_texts_or_with_label_noise():
@@ -320,11 +395,16 @@ def test_estimator_from_config_builds_the_tiny_pop_judge_and_labels_a_round(judg
     est = PopEstimator(**kwargs)
     assert isinstance(est.judge, PopJudge) and est.judge.choices == ("33", "32")
     items, stats = est.training_items(GAPS, 0, pairs=PAIRS)
+    assert stats["judge_labelled"] >= 1, f"nothing labelled: {est.judge.last_outputs}"
     candidates, _ = sample_pop_tuples(GAPS, strategy="iterative", k=2, rng=np.random.default_rng([0, 13, 0]))
-    assert stats["judge_candidates"] == len(candidates) and stats["tuples"] == len(items) == stats["judge_labelled"]
+    assert stats["judge_candidates"] == len(candidates) and stats["tuples"] == stats["judge_labelled"]
     assert stats["judge_no_label"] == est.judge.last_stats["unparseable"] + est.judge.last_stats["too_long"]
+    assert len(items) == stats["tuples"] + stats["uncompared"]
     proposed = {frozenset((t.strong, t.weak)) for t in candidates}
-    assert all(frozenset((s, w)) in proposed and 0.0 <= m <= 10.0 for s, w, m in items)
+    labelled = items.weak != -1  # the rest are pairs no verdict compared: they train against the floor
+    assert int(labelled.sum()) == stats["tuples"]
+    assert all(frozenset((int(s), int(w))) in proposed for s, w in zip(items.strong[labelled], items.weak[labelled]))
+    assert ((items.margin >= 0.0) & (items.margin <= 10.0)).all()
     est.judge.close()
 
 

@@ -121,11 +121,35 @@ def test_ipo_margin_is_applied_in_logit_units() -> None:
     assert_values(out.per_example, [(1.0 - 1.5) ** 2, (0.5 - 1.5) ** 2])
 
 
+def test_ipo_target_is_one_over_two_beta() -> None:
+    # summed margins M = [1.0, -0.5] at beta 2: target 1/4, (1 - 0.25)^2 = (-0.5 - 0.25)^2 = 0.5625
+    zero = t(0.0, 0.0)
+    out = dpo_loss(t(1.0, -0.5), zero, zero, zero, beta=2.0, loss_type="ipo")
+    assert_values(out.per_example, [0.5625, 0.5625])
+
+
+def test_cdpo_with_full_smoothing_trains_on_the_flipped_label() -> None:
+    out = dpo_loss(**dpo_batch(), beta=0.5, label_smoothing=1.0)
+    assert_values(out.per_example, [neg_log_sig(-0.5), neg_log_sig(-0.25)])
+
+
+def test_accuracy_counts_a_zero_margin_as_wrong() -> None:
+    zero = t(0.0, 0.0, 0.0)
+    out = dpo_loss(t(-0.5, 0.0, 0.5), zero, zero, zero, beta=1.0)
+    assert_values(out.stats["accuracy"], [0.0, 0.0, 1.0])
+
+
+def test_a_batch_of_one_pair_is_accepted() -> None:
+    one = t(-1.0)
+    assert_values(dpo_loss(one, t(-2.0), one, one, beta=1.0).per_example, [neg_log_sig(1.0)])
+
+
 def test_simpo_matches_hand_computed_values() -> None:
     # z = beta * (pc - pr) - gamma: 2 * 0.5 - 0.5 = 0.5 and 2 * (-0.3) - 0.5 = -1.1
     out = simpo_loss(t(-0.5, -1.2), t(-1.0, -0.9), beta=2.0, gamma=0.5)
     assert_values(out.per_example, [neg_log_sig(0.5), neg_log_sig(-1.1)])
     assert_values(out.stats["chosen_reward"], [-1.0, -2.4])
+    assert_values(out.stats["rejected_reward"], [-2.0, -1.8])
     assert_values(out.stats["accuracy"], [1.0, 0.0])
     assert_values(out.stats["margin"], [0.5, 0.5])
 
@@ -164,6 +188,26 @@ def test_pop_clips_the_target_margin_and_matches_hand_computed_values() -> None:
     assert_values(out.stats["target_margin"], [-1.0, 5.0, 20.0])
     assert_values(out.stats["clipped"], [1.0, 0.0, 1.0])
     assert out.stats["clipped"].mean().item() == pytest.approx(2 / 3)
+
+
+def test_omni_perf_weight_with_gamma_one_is_one_minus_sigmoid() -> None:
+    out = omni_dpo_loss(**omni_batch(), **{**OMNI_KW, "gamma": 1.0})
+    assert_values(out.stats["w_perf"], [1 - sig(0.0), 1 - sig(-3.0), 1 - sig(2.0)])
+
+
+def test_pop_stats_accuracy_reward_margin_and_clip_boundaries() -> None:
+    # targets at exactly m_min / m_max are inside the bounds (not clipped); accuracy needs M > 0
+    out = pop_loss(t(-1.0, 0.0, 0.5, 2.0), t(0.0, 10.0, -3.0, 11.0), beta=0.1, m_min=0.0, m_max=10.0)
+    assert_values(out.stats["clipped"], [0.0, 0.0, 1.0, 1.0])
+    assert_values(out.stats["accuracy"], [0.0, 0.0, 1.0, 1.0])
+    assert_values(out.stats["reward_margin"], [-0.1, 0.0, 0.05, 0.2])
+    assert_values(out.stats["policy_margin"], [-1.0, 0.0, 0.5, 2.0])
+
+
+def test_pop_with_equal_bounds_uses_that_one_margin() -> None:
+    out = pop_loss(t(1.0, 3.0), t(-5.0, 5.0), beta=1.0, m_min=1.0, m_max=1.0)
+    assert_values(out.stats["margin"], [1.0, 1.0])
+    assert_values(out.per_example, [math.log(2.0), neg_log_sig(2.0)])
 
 
 def test_odpo_margin_is_alpha_log_score_gap() -> None:
@@ -307,6 +351,29 @@ def test_omni_nll_mask_selects_ref_above_policy_and_good_score_and_has_no_gradie
     torch.testing.assert_close(grads["ref_chosen"], b["ref_chosen"].grad)
 
 
+def test_omni_nll_mask_includes_score_equal_to_tau_good_and_excludes_ref_equal_to_policy() -> None:
+    # pair 0: ref above policy, score == tau_good (inside); pair 1: ref == policy (outside);
+    # pair 2: ref above policy, score just below tau_good (outside); pair 3: ref just above policy (inside)
+    out = omni_dpo_loss(
+        t(-1.0, -2.0, -1.0, -1.0),
+        t(-2.0, -2.0, -2.0, -2.0),
+        t(-0.5, -2.0, -0.5, -1.0 + 1e-9),
+        t(-2.0, -2.0, -2.0, -2.0),
+        t(5.0, 9.0, 5.0 - 1e-9, 9.0),
+        t(0.0, 0.0, 0.0, 0.0),
+        **OMNI_KW,
+    )
+    assert_values(out.stats["nll_mask"], [1.0, 0.0, 0.0, 1.0])
+    assert_values(out.stats["nll"], [1.0, 0.0, 0.0, 1.0])
+
+
+def test_omni_perf_weight_is_not_detached_by_default() -> None:
+    grad_focal, _ = _omni_grad_policy_chosen(detach=False)
+    b = omni_batch(grad=True)
+    omni_dpo_loss(**b, **{**OMNI_KW, "lam": 0.0}).per_example.sum().backward()
+    torch.testing.assert_close(b["policy_chosen"].grad, grad_focal, rtol=0, atol=0)
+
+
 def test_pop_gradient_reaches_the_strong_margin_only() -> None:
     strong, target = t(1.0, 2.0, 3.0, grad=True), t(-1.0, 5.0, 20.0, grad=True)
     out = pop_loss(strong, target, beta=0.1, m_min=0.0, m_max=10.0)
@@ -348,6 +415,21 @@ def _assert_finite(out: LossOutput, *inputs: torch.Tensor) -> None:
 def test_dpo_is_finite_with_gradients_for_extreme_log_probs(kwargs: dict) -> None:
     b = _extreme()
     _assert_finite(dpo_loss(**b, beta=2.0, **kwargs), *b.values())
+
+
+def test_dpo_at_extreme_logits_is_exact_not_clamped() -> None:
+    # beta * M = [4e4, -4e4, 0]: loss = [0, 4e4, log 2], d loss / d M = -beta * sigma(-beta M) = [0, -beta, -beta/2]
+    b = {
+        "policy_chosen": t(2e4, -2e4, 0.0, grad=True),
+        "policy_rejected": t(0.0, 0.0, 0.0, grad=True),
+        "ref_chosen": t(0.0, 0.0, 0.0),
+        "ref_rejected": t(0.0, 0.0, 0.0),
+    }
+    out = dpo_loss(**b, beta=2.0)
+    assert_values(out.per_example, [0.0, 4e4, math.log(2.0)])
+    out.per_example.sum().backward()
+    assert_values(b["policy_chosen"].grad, [0.0, -2.0, -1.0])
+    assert_values(b["policy_rejected"].grad, [0.0, 2.0, 1.0])
 
 
 def test_simpo_is_finite_with_gradients_for_extreme_log_probs() -> None:
@@ -488,6 +570,18 @@ def test_non_positive_beta_raises(fn: str, beta: float) -> None:
 def test_invalid_hyperparameters_raise(fn: str, extra: dict, message: str) -> None:
     with pytest.raises(ValueError, match=f"{fn}: {message}"):
         _call(fn, **extra)
+
+
+@pytest.mark.parametrize("fn", list(FUNCTIONS))
+def test_empty_input_raises(fn: str) -> None:
+    arg = FUNCTIONS[fn][1][0]
+    with pytest.raises(ValueError, match=f"{fn}: {arg} must be a non-empty 1-D tensor"):
+        _call(fn, {arg: torch.zeros(0, dtype=torch.float64)})
+
+
+def test_a_bool_hyperparameter_is_refused() -> None:
+    with pytest.raises(ValueError, match="dpo_loss: beta must be a finite number, got True"):
+        _call("dpo_loss", beta=True)
 
 
 def test_rpo_refuses_non_positive_lengths() -> None:

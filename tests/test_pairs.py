@@ -1,10 +1,10 @@
 import json
-import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from omni_ray.pairs import Pair, PairStats, Sample, build_pairs, rescale_per_round, rescale_scores
+from omni_ray.pairs import Pair, PairStats, Sample, build_pairs, scored_samples
 
 
 def _s(pid: str, resp: str, score: float, correct: bool | None = None, version: int = 0) -> Sample:
@@ -61,6 +61,25 @@ def test_min_gap_drops_and_counts_small_gaps():
     assert [p.prompt_id for p in pairs] == ["q"]
     assert stats.dropped_min_gap == 1
     _check_accounting(stats)
+
+
+def test_min_gap_boundary_keeps_a_gap_equal_to_it_and_drops_one_just_below():
+    samples = [_s("eq", "a", 1.0), _s("eq", "b", 1.5), _s("below", "a", 1.0), _s("below", "b", 1.4999)]
+    pairs, stats = build_pairs(samples, min_gap=0.5)
+    assert [p.prompt_id for p in pairs] == ["eq"] and pairs[0].gap == 0.5
+    assert stats.dropped_min_gap == 1
+    _check_accounting(stats)
+
+
+def test_default_min_gap_keeps_every_positive_gap():
+    pairs, stats = build_pairs([_s("p", "a", 1.0), _s("p", "b", 1.25)])
+    assert len(pairs) == 1 and stats.dropped_min_gap == 0
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_min_gap_must_be_finite_and_not_negative(bad):
+    with pytest.raises(ValueError, match="min_gap must be a finite number >= 0"):
+        build_pairs([_s("p", "a", 1.0)], min_gap=bad)
 
 
 def test_nonfinite_scores_are_dropped_and_counted_and_the_run_goes_on():
@@ -149,6 +168,60 @@ def test_math_rule_without_valid_chosen_or_rejected_is_dropped_no_candidate():
     _check_accounting(stats)
 
 
+def test_math_rule_with_a_tie_at_the_top_and_no_lower_correct_falls_back_to_the_wrong_answer():
+    samples = [_s("p", "good", 9.0, correct=True), _s("p", "good2", 9.0, correct=True), _s("p", "bad", 2.0, False)]
+    pairs, stats = build_pairs(samples, strategy="math")
+    assert pairs[0].chosen in ("good", "good2") and pairs[0].rejected == "bad"
+    assert stats.tie_broken_randomly == 1 and stats.dropped_min_gap == 0
+
+
+def test_math_rule_without_a_candidate_draws_no_tie():
+    _, stats = build_pairs([_s("a", "x", 9.0, correct=False), _s("a", "y", 3.0, correct=False)], strategy="math")
+    assert stats.dropped_no_candidate == 1 and stats.tie_broken_randomly == 0
+
+
+def test_without_rng_pairs_are_drawn_from_seed_zero():
+    samples = _many(20)
+    assert build_pairs(samples, strategy="best_random") == build_pairs(
+        samples, strategy="best_random", rng=np.random.default_rng(0)
+    )
+
+
+def test_swap_prob_zero_draws_nothing_from_the_rng():
+    # one draw per prompt: the rejected among the 2 samples below the unique best, in sample order
+    samples = []
+    for i in range(30):
+        samples += [_s(f"p{i}", "b", 10.0), _s(f"p{i}", "m", 5.0), _s(f"p{i}", "w", 1.0)]
+    pairs, _ = build_pairs(samples, strategy="best_random", rng=np.random.default_rng(11), swap_prob=0.0)
+    draws = np.random.default_rng(11)
+    assert [p.rejected for p in pairs] == [("m", "w")[int(draws.integers(2))] for _ in range(30)]
+
+
+def test_samples_and_pairs_default_to_version_zero_unswapped_and_unknown_correctness():
+    sample = Sample("p", "q", "r", [1], [2], 3.0)
+    assert (sample.correct, sample.policy_version) == (None, 0)
+    pair = Pair("p", "q", [1], "c", "r", [2], [3], 2.0, 1.0)
+    assert (pair.policy_version, pair.chosen_correct, pair.rejected_correct, pair.swapped) == (0, None, None, False)
+    counters = PairStats().as_dict()
+    assert {"prompts", "prompts_with_pairs", "pairs"} <= set(counters) and set(counters.values()) == {0}
+
+
+def test_scored_samples_carry_prompt_completion_score_and_verifier_result():
+    prompt = SimpleNamespace(prompt_id="p7", text="1+1=")
+    completions = [SimpleNamespace(text="2", token_ids=(9,)), SimpleNamespace(text="3", token_ids=[8])]
+    flat = [(prompt, [5, 6], c) for c in completions]
+    unverified = scored_samples(flat, [np.float32(10.0), 0.0], None)
+    assert [(s.prompt_id, s.prompt, s.response, s.response_token_ids, s.score) for s in unverified] == [
+        ("p7", "1+1=", "2", [9], 10.0),
+        ("p7", "1+1=", "3", [8], 0.0),
+    ]
+    assert [(s.correct, s.policy_version, s.prompt_token_ids) for s in unverified] == [(None, 0, [5, 6])] * 2
+    verified = scored_samples(flat, [10.0, 0.0], [1, 0], policy_version=4)
+    assert [(s.correct, s.policy_version) for s in verified] == [(True, 4), (False, 4)]
+    with pytest.raises(ValueError):
+        scored_samples(flat, [10.0], None)
+
+
 def test_unknown_strategy_raises_naming_valid_ones():
     with pytest.raises(ValueError, match="best_worst.*best_random.*math"):
         build_pairs([_s("p", "a", 1.0)], strategy="nope")
@@ -162,20 +235,6 @@ def test_pair_record_is_json_serialisable():
     assert rec["gap"] == 5.0 and rec["policy_version"] == 2
     assert isinstance(pairs[0], Pair)
     assert json.dumps(stats.as_dict())
-
-
-def test_rescale_maps_declared_scale_to_zero_ten():
-    out = rescale_scores(np.array([0.0, 0.5, 1.0, np.nan]), scale=(0.0, 1.0))
-    assert out[:3].tolist() == [0.0, 5.0, 10.0] and math.isnan(out[3])
-    assert rescale_scores([1.0, 10.0], scale=(1.0, 10.0), target=(0.0, 1.0)).tolist() == [0.0, 1.0]
-    with pytest.raises(ValueError, match="scale"):
-        rescale_scores([1.0], scale=(1.0, 1.0))
-
-
-def test_rescale_per_round_min_max_and_constant_midpoint():
-    out = rescale_per_round(np.array([-3.0, 1.0, 5.0, np.inf]))
-    assert out[:3].tolist() == [0.0, 5.0, 10.0] and out[3] == np.inf
-    assert rescale_per_round([2.0, 2.0]).tolist() == [5.0, 5.0]
 
 
 def _many(n: int = 40) -> list[Sample]:

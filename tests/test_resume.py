@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROUNDS = 3
+ROUNDS = 2
 
 
 def _command(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
@@ -26,12 +26,18 @@ def _command(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
         sys.executable, "-m", "omni_ray.cli", "train", "configs/local_tiny.yaml",
         f"run.output_dir={out}", f"run.name={name}", f"run.rounds={ROUNDS}", f"model.path={model_dir}",
         "data.prompts_per_round=64", "data.eval_prompts=32", "rollout.samples_per_prompt=4",
-        "learner.batch_size=16", "learner.epochs=1", "ray.num_cpus=2", *extra,
+        "learner.batch_size=16", "learner.epochs=1", "ray.num_cpus=2", "logging.wandb.mode=offline", *extra,
     ]  # fmt: skip
 
 
+def _env() -> dict[str, str]:
+    """The test process' environment, less the W&B service an earlier test of this process started: each run is
+    its own process and starts its own."""
+    return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+
+
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, start_new_session=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, start_new_session=True, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -59,7 +65,7 @@ def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterru
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         _command(tmp_path, tiny_model_dir, "killed"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=_env(),
     )  # fmt: skip
     try:
         # Round 1's checkpoint committed (its manifest is written last) means round 2 is under way.
@@ -84,6 +90,10 @@ def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterru
     assert [r["round"] for r in resumed] == list(range(1, ROUNDS + 1))
     assert [r["eval_accuracy"] for r in resumed] == [r["eval_accuracy"] for r in straight]
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == ROUNDS
+    # The W&B run continues under the id driver_state.json saved: both processes' offline runs carry it.
+    saved = json.loads((run / "checkpoints" / "round_0001" / "driver_state.json").read_text())["wandb_run_id"]
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert saved and len(runs) == 2 and all(r.name.endswith(f"-{saved}") for r in runs)
 
 
 @pytest.mark.integration
@@ -102,21 +112,64 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp
     assert [r["round"] for r in _round_records(run)] == list(range(1, ROUNDS + 1))
 
 
-@pytest.mark.integration
-def test_resume_of_a_finished_run_trains_nothing_and_says_so(uninterrupted, tmp_path, tiny_model_dir):
-    import shutil
+def _config(out: Path, model_dir: str, name: str, *extra: str):
+    from omni_ray.config import load_config
 
-    shutil.copytree(uninterrupted, tmp_path / "straight")
-    out = _run(_command(tmp_path, tiny_model_dir, "straight", "run.resume=auto")).stdout
-    assert f"has completed {ROUNDS} of run.rounds={ROUNDS} rounds: nothing to train" in out
+    return load_config("configs/local_tiny.yaml", _command(out, model_dir, name, *extra)[5:])
 
 
 @pytest.mark.integration
-def test_resume_with_another_seed_is_refused_naming_the_key(uninterrupted, tmp_path, tiny_model_dir):
+def test_resume_of_a_finished_run_trains_nothing_and_says_so(uninterrupted, tmp_path, tiny_model_dir, capsys):
+    """In-process and before any actor starts: no round is added, no checkpoint is touched."""
     import shutil
 
+    from omni_ray.driver import Driver
+
+    run = tmp_path / "straight"
+    shutil.copytree(uninterrupted, run)
+    manifests = {p: p.read_bytes() for p in run.glob("checkpoints/*/manifest.json")}
+    driver = Driver(_config(tmp_path, tiny_model_dir, "straight", "run.resume=auto"))
+    try:
+        summary = driver.run()
+    finally:
+        driver.close()
+    assert f"has completed {ROUNDS} of run.rounds={ROUNDS} rounds: nothing to train" in capsys.readouterr().out
+    assert driver.roles is None, "nothing to train starts no actor"
+    assert summary["rounds_completed"] == ROUNDS
+    assert [r["round"] for r in _round_records(run)] == list(range(1, ROUNDS + 1))
+    assert {p: p.read_bytes() for p in run.glob("checkpoints/*/manifest.json")} == manifests
+
+
+@pytest.mark.parametrize("key, override, saved", [("seed", "run.seed=5", "seed=0, the config says 5"),
+                                                  ("prompts_per_round", "data.prompts_per_round=65",
+                                                   "prompts_per_round=64, the config says 65")])  # fmt: skip
+def test_resume_with_another_prompt_stream_is_refused_naming_the_key(uninterrupted, tmp_path, tiny_model_dir, key,
+                                                                      override, saved):  # fmt: skip
+    import shutil
+
+    from omni_ray.driver.run_dir import RunDir
+
     shutil.copytree(uninterrupted, tmp_path / "straight")
-    proc = subprocess.run(_command(tmp_path, tiny_model_dir, "straight", "run.resume=auto", "run.seed=5"),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode != 0
-    assert "seed=0, the config says 5" in proc.stdout + proc.stderr
+    with pytest.raises(ValueError, match=saved):
+        RunDir(_config(tmp_path, tiny_model_dir, "straight", "run.resume=auto", override)).prepare()
+
+
+def test_a_fresh_run_over_an_earlier_one_moves_it_aside(tmp_path, tiny_model_dir, capsys):
+    from omni_ray.driver.run_dir import RunDir
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
+    RunDir(_config(tmp_path, tiny_model_dir, "r")).prepare()
+    (aside,) = tmp_path.glob("r.prev-*")
+    assert (aside / "metrics.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
+    assert f"moved to {aside}" in capsys.readouterr().out
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, tiny_model_dir, capsys):
+    from omni_ray.driver.run_dir import RunDir
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text("{}\n")
+    assert RunDir(_config(tmp_path, tiny_model_dir, "r", "run.resume=auto")).prepare() is None
+    assert "no usable checkpoint" in capsys.readouterr().out and list(tmp_path.glob("r.prev-*"))

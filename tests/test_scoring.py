@@ -6,7 +6,9 @@ import pytest
 
 from omni_ray.config import ScorerSpec, ScoringConfig
 from omni_ray.scoring import (
+    SCORER_TYPES,
     ArithVerifier,
+    CorrectAtScorer,
     MathVerifier,
     RewardModelScorer,
     Scorer,
@@ -14,9 +16,13 @@ from omni_ray.scoring import (
     ScoringService,
     WeightedScorer,
     build_scorer,
+    check_range,
     extract_final_answer,
     math_answers_match,
+    rescale_per_round,
+    rescale_scores,
 )
+from tests import scorers_for_tests
 
 
 class FixedScorer(Scorer):
@@ -233,9 +239,7 @@ def test_service_passes_nan_and_inf_through_and_counts_them():
     res = svc.score(PROMPTS, RESPONSES)
     assert res.nonfinite == 2
     assert np.isnan(res.scores[0]) and res.scores[1] == pytest.approx(0.5) and np.isposinf(res.scores[2])
-    assert np.isnan(res.raw_scores[0]) and res.raw_scores[1] == 5.0
-    m = res.metrics()
-    assert m["score/nonfinite"] == 2 and m["score/mean"] == pytest.approx(0.5) and m["score/raw_mean"] == 5.0
+    assert np.isnan(res.raw_scores[0]) and res.raw_scores[1] == 5.0 and np.isposinf(res.raw_scores[2])
 
 
 def test_service_per_round_maps_min_to_low_and_max_to_high():
@@ -263,20 +267,12 @@ def test_service_declared_and_none_modes_keep_raw_scores():
 def test_service_from_config_defaults():
     svc = ScoringService.from_config(ScoringConfig())
     assert isinstance(svc.scorer, ArithVerifier)
-    assert svc.info() == {
-        "scorer": "arith_verifier",
-        "declared_scale": [0.0, 10.0],
-        "rescale": "declared",
-        "scale": [0.0, 10.0],
-    }
+    assert svc.declared_scale == (0.0, 10.0) and svc.rescale == "declared" and svc.scale == (0.0, 10.0)
     res = svc.score(PROMPTS, RESPONSES)
-    assert res.metrics()["score/accuracy"] == pytest.approx(1 / 3)
+    assert res.correct.tolist() == [True, False, False]
 
 
 def test_python_scorer_function_is_loaded_by_name_with_its_declared_scale():
-    from omni_ray.config import ScorerSpec
-    from omni_ray.scoring import ScoringService
-
     svc = ScoringService(
         [ScorerSpec(type="python", target="tests.scorers_for_tests:length_score", scale_low=0, scale_high=5)],
         rescale="declared",
@@ -286,9 +282,6 @@ def test_python_scorer_function_is_loaded_by_name_with_its_declared_scale():
 
 
 def test_python_scorer_that_cannot_be_imported_names_the_target():
-    from omni_ray.config import ScorerSpec
-    from omni_ray.scoring import ScoringService
-
     with pytest.raises(ValueError, match="no_such_module:fn"):
         ScoringService([ScorerSpec(type="python", target="no_such_module:fn")])
 
@@ -303,8 +296,8 @@ def test_python_scorer_that_cannot_be_imported_names_the_target():
         ("So x = 3 and \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),  # braces nested inside the box
         ("First \\boxed{4}, no: \\boxed{\\boxed{5}}", "5"),  # the last box wins, boxes inside boxes too
         ("\\boxed{7} and then \\boxed{unclosed", "7"),  # a box cut off by max_new_tokens is not an answer
-        ("It is 3 + 4. The answer is: 1,234.", "1,234"),
-        ("The final answer is $\\dfrac{3}{4}$.", "\\dfrac{3}{4}"),
+        ("It is 3 + 4. The answer is: 1,234.", "1234"),  # math-verify's text: no thousands commas
+        ("The final answer is $\\dfrac{3}{4}$.", "\\frac{3}{4}"),  # ... and \dfrac written \frac
         ("48/2 = 24 and 24 + 48 = 72\n#### 72", "72"),
         ("I got 3, then 4.5 in the end", "4.5"),  # no marked answer: the last number
         ("I do not know", None),
@@ -378,3 +371,179 @@ def test_weighted_scorer_passes_references_through_to_the_verifier():
         svc.score(PROMPTS, RESPONSES)
     with pytest.raises(ValueError, match=r"scorers\[0\].*math_verifier"):
         build_scorer([ScorerSpec(type="math_verifier", scale_high=1.0)])
+
+
+def test_gsm8k_marker_wins_over_a_later_number_in_response_and_reference():
+    # math-verify alone would read the last number (5); "#### X" marks the final answer.
+    assert extract_final_answer("48 + 24 = 72\n#### 72\nCheck: 5 boxes") == "72"
+    res = MathVerifier().score(["q", "q"], ["#### 72\n(5 steps)", "72"], ["So 72.\n#### 72\n", "x = 2\\sqrt{3}"])
+    assert res.correct.tolist() == [True, False]
+
+
+def test_math_verifier_reads_a_bare_latex_reference_as_a_whole_not_its_last_number():
+    res = MathVerifier().score(["q"] * 3, ["\\boxed{2\\sqrt{3}}", "\\boxed{3}", "\\boxed{(1, 2)}"],
+                               ["2\\sqrt{3}", "2\\sqrt{3}", "(1,2)"])  # fmt: skip
+    assert res.correct.tolist() == [True, False, True]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scales and the range check (one check for every (low, high) pair)
+
+
+def test_rescale_maps_declared_scale_to_zero_ten():
+    out = rescale_scores(np.array([0.0, 0.5, 1.0, np.nan]), scale=(0.0, 1.0))
+    assert out[:3].tolist() == [0.0, 5.0, 10.0] and math.isnan(out[3])
+    assert rescale_scores([1.0, 10.0], scale=(1.0, 10.0), target=(0.0, 1.0)).tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="scale"):
+        rescale_scores([1.0], scale=(1.0, 1.0))
+
+
+def test_rescale_from_a_scale_that_does_not_start_at_zero():
+    # (-5, 5) -> (0, 10): x + 5 (by hand); out of scale is not clipped.
+    out = rescale_scores([-5.0, -2.5, 0.0, 4.0, 7.0], scale=(-5.0, 5.0))
+    np.testing.assert_allclose(out, [0.0, 2.5, 5.0, 9.0, 12.0])
+    # (-5, 5) -> (1, 2): 1 + (x + 5) / 10.
+    np.testing.assert_allclose(rescale_scores([-5.0, 0.0, 3.0], scale=(-5.0, 5.0), target=(1.0, 2.0)), [1.0, 1.5, 1.8])
+
+
+def test_rescale_per_round_min_max_and_constant_midpoint():
+    out = rescale_per_round(np.array([-3.0, 1.0, 5.0, np.inf]))
+    assert out[:3].tolist() == [0.0, 5.0, 10.0] and out[3] == np.inf
+    assert rescale_per_round([2.0, 2.0]).tolist() == [5.0, 5.0]
+
+
+@pytest.mark.parametrize("bad", [(1.0, 1.0), (2.0, 1.0), (0.0, math.inf), (math.nan, 1.0), (1.0,), "ab", None])
+def test_check_range_refuses_anything_but_a_finite_increasing_pair_naming_it(bad):
+    with pytest.raises(ValueError, match="my range"):
+        check_range("my range", bad)
+
+
+def test_check_range_returns_floats():
+    assert check_range("r", (-5, 5)) == (-5.0, 5.0) and isinstance(check_range("r", [0, 1])[0], float)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the registry of scorer types
+
+
+def test_every_config_scorer_type_is_registered():
+    assert SCORER_TYPES == ("arith_verifier", "http", "judge", "math_verifier", "python", "reward_model")
+
+
+def test_unknown_scorer_type_is_an_error_listing_the_registered_ones():
+    with pytest.raises(ValueError, match=r"scorers\[1\]\.type: unknown scorer type 'rm'; registered: arith_verifier, "):
+        build_scorer([ScorerSpec(), {"type": "rm"}])
+
+
+def test_importing_the_scoring_package_loads_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, omni_ray.scoring; "
+        "print(sorted(m for m in ('torch', 'transformers', 'urllib3', 'vllm', 'requests') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scorers see the prompt's row: references and data.extra_columns
+
+ROW_PROMPTS = ["p0", "p1", "p2", "p3", "p4"]
+ROW_RESPONSES = ["a", "b", "c", "d", "e"]
+ROW_REFERENCES = ["a", "x", "c", "y", "e"]  # items 0, 2, 4 are answered right
+LEVELS = [7, 3, 9, 1, 4]  # distinct per item: a shuffle would show
+
+
+def python_service(target: str, **spec: object) -> ScoringService:
+    return ScoringService([ScorerSpec(type="python", target=f"tests.scorers_for_tests:{target}", **spec)], "none")
+
+
+def test_python_scorer_gets_references_and_extra_columns_in_item_order():
+    svc = python_service("level_and_match")
+    res = svc.score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES, {"level": LEVELS, "topic": list("vwxyz")})
+    assert res.raw_scores.tolist() == [7.0, 3.0, 9.0, 1.0, 4.0]  # "topic" is not declared, so not passed
+    assert res.correct.tolist() == [True, False, True, False, True]  # the tuple return's flags
+
+
+def test_python_scorer_returning_a_mapping_and_declaring_no_references():
+    res = python_service("level_as_mapping").score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES, {"level": LEVELS})
+    assert res.raw_scores.tolist() == [7.0, 3.0, 9.0, 1.0, 4.0] and res.correct is None
+
+
+def test_python_scorer_taking_kwargs_gets_every_column_and_the_references():
+    scorers_for_tests.RECEIVED.clear()
+    python_service("record_kwargs").score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES, {"level": LEVELS, "t": "vwxyz"})
+    assert scorers_for_tests.RECEIVED == [{"references": ROW_REFERENCES, "level": LEVELS, "t": list("vwxyz")}]
+    python_service("record_kwargs").score(ROW_PROMPTS, ROW_RESPONSES)
+    assert scorers_for_tests.RECEIVED[-1] == {}
+
+
+def test_python_scorer_class_gets_what_its_score_declares():
+    svc = python_service("ReferenceLength")
+    res = svc.score(["q"] * 3, ["3", "1", "5"], ["abc", "xy", "hello"], {"level": [1, 2, 3]})
+    assert res.raw_scores.tolist() == [3.0, 2.0, 5.0] and res.correct.tolist() == [True, False, True]
+
+
+def test_row_data_of_the_wrong_length_or_a_reserved_name_is_an_error_naming_the_column():
+    svc = python_service("level_and_match")
+    with pytest.raises(ValueError, match="extra column 'level' has 4 values for 5 responses"):
+        svc.score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES, {"level": LEVELS[:4]})
+    with pytest.raises(ValueError, match="4 references but 5 responses"):
+        svc.score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES[:4], {"level": LEVELS})
+    with pytest.raises(ValueError, match="extra column 'responses' cannot be handed to scorers"):
+        svc.score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES, {"responses": LEVELS})
+
+
+def test_a_scorer_reading_a_column_the_prompts_do_not_carry_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"level_and_match' needs 'level', which .* has \['references'\]"):
+        python_service("level_and_match").score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES)
+    with pytest.raises(ValueError, match=r"'reference_length' needs 'references'.*data.answer_column"):
+        python_service("ReferenceLength").score(["q"], ["3"])
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("one_flag_too_few", "returned 2 correctness flags for 3 responses"),
+        ("flags_that_are_not_bools", r"correct\[1\] is None; expected True or False"),
+        ("mapping_with_a_typo", r"keys \['corect', 'scores'\]; expected 'scores' and optionally 'correct'"),
+    ],
+)
+def test_python_scorer_with_wrong_correct_flags_is_a_clear_error(target, message):
+    with pytest.raises(ValueError, match=message):
+        python_service(target).score(["q"] * 3, ["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# correct_at: an answer check for any scorer
+
+
+def test_correct_at_counts_scores_at_or_above_it_as_correct_and_nan_as_wrong():
+    svc = python_service("length_score", scale_low=0, scale_high=5, correct_at=2.0)
+    assert isinstance(svc.scorer, CorrectAtScorer)
+    res = svc.score(["q"] * 4, ["1", "22", "333", ""])
+    assert res.correct.tolist() == [False, True, True, False]
+    nan = python_service("nan_or_constant", correct_at=5.0).score(["q"] * 2, ["1", "2"])
+    assert nan.correct.tolist() == [False, True]
+
+
+def test_correct_at_replaces_the_flags_a_scorer_returned():
+    own = ScoringService([ScorerSpec()]).score(PROMPTS, RESPONSES).correct  # scores 10, 3.68, 0
+    assert own.tolist() == [True, False, False]
+    replaced = ScoringService([ScorerSpec(correct_at=3.0)]).score(PROMPTS, RESPONSES).correct
+    assert replaced.tolist() == [True, True, False]
+    tuple_flags = python_service("level_and_match", correct_at=5.0)  # levels >= 5 win over response == reference
+    res = tuple_flags.score(ROW_PROMPTS, ROW_RESPONSES, ROW_REFERENCES, {"level": LEVELS})
+    assert res.correct.tolist() == [True, False, True, False, False]
+
+
+def test_weighted_scorer_takes_flags_from_the_first_member_that_yields_them():
+    specs = [
+        ScorerSpec(type="python", target="tests.scorers_for_tests:length_score", scale_low=0, scale_high=5),
+        ScorerSpec(type="python", target="tests.scorers_for_tests:length_score", scale_high=5, correct_at=3.0),
+    ]
+    res = ScoringService(specs, "none").score(["q"] * 3, ["1", "333", "4444"])
+    assert res.correct.tolist() == [False, True, True]
+    np.testing.assert_allclose(res.raw_scores, [2.0, 6.0, 8.0])  # both map len/5 to 0-10, weights equal

@@ -79,6 +79,18 @@ class FakeRewardServer:
         scores: list[Any] = [float(len(r)) for r in responses]
         if action == "ok":
             self._send(handler, 200, json.dumps({"scores": scores}).encode())
+        elif action == "row":  # score = the item's "level" column, correct = response == reference
+            answer = {
+                "scores": [float(x) for x in body["level"]],
+                "correct": [r == ref for r, ref in zip(responses, body["references"])],
+            }
+            self._send(handler, 200, json.dumps(answer).encode())
+        elif action == "flags_short":
+            self._send(handler, 200, json.dumps({"scores": scores, "correct": [True] * (len(scores) - 1)}).encode())
+        elif action == "flags_null":
+            self._send(handler, 200, json.dumps({"scores": scores, "correct": [None] * len(scores)}).encode())
+        elif action.startswith("retry_after:"):  # 503 with a Retry-After header
+            self._send(handler, 503, b"busy", {"Retry-After": action.split(":", 1)[1]})
         elif action == "null_first":
             self._send(handler, 200, json.dumps({"scores": [None, *scores[1:]]}).encode())
         elif action == "short":
@@ -225,10 +237,90 @@ def test_malformed_answers_are_clear_errors_without_retry(server, action, messag
     assert len(server.requests) == 1
 
 
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The delays the client asks time.sleep for, recorded instead of slept (no test waits on a backoff)."""
+    asked: list[float] = []
+    monkeypatch.setattr(time, "sleep", asked.append)
+    return asked
+
+
+def test_retries_back_off_doubling_from_the_first_retry_up_to_the_cap(server, sleeps):
+    server.reset("500", "502", "503", "429")
+    scorer = scorer_for(server, retries=4, backoff_s=0.01, backoff_max_s=0.05)
+    np.testing.assert_array_equal(scorer.score(PROMPTS, RESPONSES).scores, EXPECTED)
+    np.testing.assert_allclose(sleeps, [0.01, 0.02, 0.04, 0.05])  # 0.01 * 2**k, capped at 0.05
+
+
+def test_retry_after_replaces_the_backoff_capped_at_backoff_max(server, sleeps):
+    server.reset("retry_after:0", "retry_after:1", "retry_after:100")
+    scorer = scorer_for(server, retries=3, backoff_s=0.01, backoff_max_s=2.0)
+    np.testing.assert_array_equal(scorer.score(PROMPTS, RESPONSES).scores, EXPECTED)
+    # "0" leaves the backoff (0.01), "1" is honoured, "100" is capped at backoff_max_s.
+    np.testing.assert_allclose(sleeps, [0.01, 1.0, 2.0])
+    assert scorer.stats == {"requests": 4, "retries": 3, "failed_batches": 0}
+
+
+def test_request_timeout_status_408_is_retried_and_413_is_permanent(server, sleeps):
+    server.reset("408")
+    np.testing.assert_array_equal(scorer_for(server, retries=1).score(PROMPTS, RESPONSES).scores, EXPECTED)
+    assert len(server.requests) == 2
+    server.reset("413")
+    with pytest.raises(RemoteScorerError, match="permanent error HTTP 413"):
+        scorer_for(server, retries=3).score(PROMPTS, RESPONSES)
+    assert len(server.requests) == 1
+
+
 def test_backoff_doubles_per_retry_and_is_capped():
     assert [backoff_delay(r, base=0.5, cap=3.0) for r in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
     with pytest.raises(ValueError):
         backoff_delay(0, base=1.0, cap=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the prompt's row: references and extra columns go out, correct flags come back
+
+ROW_REFERENCES = ["1", "x", "111", "y", "1", "11", "z"]  # items 0, 2, 4, 5 equal their response
+LEVELS = [5, 2, 8, 1, 9, 3, 7]  # distinct per item: a shuffle would show
+
+
+def test_references_and_columns_are_sent_per_batch_in_item_order_and_flags_come_back(server):
+    server.reset("row", "row", "row")
+    topics = [f"topic {i}" for i in range(7)]
+    svc = ScoringService(scorer_for(server, batch_size=3), "none")
+    res = svc.score(PROMPTS, RESPONSES, ROW_REFERENCES, {"level": LEVELS, "topic": topics})
+    assert res.raw_scores.tolist() == [5.0, 2.0, 8.0, 1.0, 9.0, 3.0, 7.0]
+    assert res.correct.tolist() == [True, False, True, False, True, True, False]
+    bodies = [r["body"] for r in server.requests]
+    assert [set(b) for b in bodies] == [{"prompts", "responses", "references", "level", "topic"}] * 3
+    for key, sent in (("prompts", PROMPTS), ("references", ROW_REFERENCES), ("level", LEVELS), ("topic", topics)):
+        assert sum((b[key] for b in bodies), []) == sent
+
+
+def test_references_are_left_out_when_no_item_has_one_and_sent_as_null_where_missing(server):
+    server.reset()
+    scorer_for(server).score(PROMPTS, RESPONSES, [None] * 7)
+    assert set(server.requests[0]["body"]) == {"prompts", "responses"}
+    server.reset()
+    scorer_for(server).score(PROMPTS[:2], RESPONSES[:2], ["1", None])
+    assert server.requests[0]["body"]["references"] == ["1", None]
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [("flags_short", "a list of 7 true/false values, got 6"), ("flags_null", r'"correct"\[0\] is None')],
+)
+def test_malformed_correct_flags_are_clear_errors(server, action, message):
+    server.reset(action)
+    with pytest.raises(RemoteScorerError, match=message):
+        scorer_for(server).score(PROMPTS, RESPONSES)
+
+
+def test_a_column_that_is_not_json_is_an_error_naming_it(server):
+    server.reset()
+    with pytest.raises(ValueError, match="column 'when' cannot be sent as JSON"):
+        scorer_for(server).score(PROMPTS[:1], RESPONSES[:1], when=[object()])
+    assert server.requests == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -260,7 +352,7 @@ def test_token_is_read_from_the_named_env_var_and_never_in_config_repr_errors_or
     scorer.score(PROMPTS, RESPONSES)
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
     blob = pickle.dumps(scorer)
-    for text in (to_yaml(cfg), repr(scorer), scorer.name, str(err.value), repr(ScoringService(scorer).info())):
+    for text in (to_yaml(cfg), repr(scorer), scorer.name, str(err.value), repr(ScoringService(scorer).scorer)):
         assert SECRET not in text
     assert SECRET.encode() not in blob
     server.reset()

@@ -12,6 +12,8 @@ Rows:
 - ``answer_column`` (optional): the reference answer verifiers compare with (``Prompt.reference``); a number is kept
   as its string. It may be a whole worked solution (MATH's ``solution``, GSM8K's ``answer``): ``math_verifier``
   takes the final answer out of it.
+- ``extra_columns`` (optional): more columns of the row, kept as they are in ``Prompt.columns`` (column -> value)
+  and handed to python / http scorers by name (what TRL's reward functions get as keyword arguments).
 
 Rendering: with a ``chat_template`` callable (the driver passes the tokenizer's ``apply_chat_template`` with
 ``add_generation_prompt=True``), every prompt goes through it, a plain string as a one-message user conversation, so
@@ -25,16 +27,16 @@ of ``(seed, r, n)``. Training rows are walked in epochs, each a permutation seed
 run gets exactly the prompts the interrupted one would have. ``prompt_id`` is ``"<split>:<row>"`` (0-based row
 index in the split), the same in every round.
 
-Refused or counted: a missing column raises :class:`DataSourceError` naming the file, the column and the columns
-there are; a row whose prompt is empty, neither a string nor a message list, or a list without a user message, or
-whose reference is empty when ``answer_column`` is set, raises naming the file and line / row, or with
-``on_bad_row="skip"`` is skipped and counted in ``stats["bad_rows"]``; too few rows for the eval set plus one
-training prompt raises.
+Refused or counted: a missing column (prompt, answer or extra) raises :class:`DataSourceError` naming the file, the
+column and the columns there are; a row without one of the extra columns, or whose prompt is empty, neither a
+string nor a message list, or a list without a user message, or whose reference is empty when ``answer_column`` is
+set, raises naming the file and line / row, or with ``on_bad_row="skip"`` is skipped and counted in
+``stats["bad_rows"]``; too few rows for the eval set plus one training prompt raises.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,11 +57,12 @@ ChatTemplate = Callable[[list[dict[str, str]]], str]
 _EVAL_TAG, _TRAIN_TAG = 101, 103
 
 _RawPrompt = str | list[dict[str, str]]
-_Row = tuple[str, _RawPrompt, str | None]  # (prompt_id, raw prompt, reference)
+_Row = tuple[str, _RawPrompt, str | None, dict[str, Any]]  # (prompt_id, raw prompt, reference, extra columns)
 
 
 class PromptDataset:
-    """Prompts (and optional reference answers) of a dataset, handed out per round (module docstring for the rules).
+    """Prompts (with optional reference answers and extra columns) of a dataset, handed out per round (module
+    docstring for the rules).
 
     ``stats``: ``source``, ``files``, ``rows`` (read, both splits), ``bad_rows`` (skipped), ``train`` and ``eval``
     (prompts in each set).
@@ -72,6 +75,7 @@ class PromptDataset:
         split: str = "train",
         prompt_column: str = "prompt",
         answer_column: str = "",
+        extra_columns: Sequence[str] = (),
         eval_split: str = "",
         eval_prompts: int = 500,
         seed: int = 0,
@@ -87,6 +91,7 @@ class PromptDataset:
         self.seed = int(seed)
         self.chat_template = chat_template
         self._prompt_column, self._answer_column, self._on_bad_row = prompt_column, answer_column, on_bad_row
+        self._extra_columns = list(extra_columns)
         self.stats: dict[str, Any] = {"source": str(path), "files": [], "rows": 0, "bad_rows": 0}
         rows = self._load(path, split)
         if eval_split:
@@ -120,13 +125,14 @@ class PromptDataset:
 
     @classmethod
     def from_config(cls, data: DataConfig, *, seed: int, chat_template: ChatTemplate | None = None) -> PromptDataset:
-        """From ``cfg.data`` (``path``, ``split``, ``prompt_column``, ``answer_column``, ``eval_split``,
-        ``eval_prompts``, ``on_bad_row``) and ``cfg.run.seed``."""
+        """From ``cfg.data`` (``path``, ``split``, ``prompt_column``, ``answer_column``, ``extra_columns``,
+        ``eval_split``, ``eval_prompts``, ``on_bad_row``) and ``cfg.run.seed``."""
         return cls(
             data.path,
             split=data.split,
             prompt_column=data.prompt_column,
             answer_column=data.answer_column,
+            extra_columns=list(data.extra_columns),
             eval_split=data.eval_split,
             eval_prompts=data.eval_prompts,
             seed=seed,
@@ -161,35 +167,36 @@ class PromptDataset:
         return [rows[i] for i in sorted(order[:count])]
 
     def _render(self, row: _Row) -> Prompt:
-        prompt_id, raw, reference = row
+        prompt_id, raw, reference, columns = row
         if self.chat_template is None:
             text = raw if isinstance(raw, str) else raw[-1]["content"]
         else:
             text = self.chat_template([{"role": "user", "content": raw}] if isinstance(raw, str) else raw)
             if not isinstance(text, str):
                 raise TypeError(f"chat_template must return a string, got {type(text).__name__} for {prompt_id}")
-        return Prompt(prompt_id=prompt_id, text=text, reference=reference)
+        return Prompt(prompt_id=prompt_id, text=text, reference=reference, columns=dict(columns))
 
     # -----------------------------------------------------------------------------------------------------------------
     # loading
 
     def _load(self, path: str | Path, split: str) -> list[_Row]:
-        """(prompt_id, raw prompt, reference) of every usable row of ``split``, in file order."""
+        """(prompt_id, raw prompt, reference, extra columns) of every usable row of ``split``, in file order."""
         required = [self._prompt_column] + ([self._answer_column] if self._answer_column else [])
+        required += [c for c in self._extra_columns if c not in required]
         out: list[_Row] = []
         for index, (name, where, row) in enumerate(read_rows(path, split, required, self.stats)):
             self.stats["rows"] += 1
             try:
-                raw, reference = self._parse(row)
+                raw, reference, columns = self._parse(row)
             except BadRow as exc:
                 if self._on_bad_row == "raise":
                     raise DataSourceError(f"{name}: {row_label(name)} {where}: {exc}") from None
                 self.stats["bad_rows"] += 1
                 continue
-            out.append((f"{split}:{index}", raw, reference))
+            out.append((f"{split}:{index}", raw, reference, columns))
         return out
 
-    def _parse(self, row: Any) -> tuple[_RawPrompt, str | None]:
+    def _parse(self, row: Any) -> tuple[_RawPrompt, str | None, dict[str, Any]]:
         if isinstance(row, BadRow):
             raise row
         if not isinstance(row, Mapping):
@@ -206,7 +213,11 @@ class PromptDataset:
             raw = _conversation(value, col)
         else:
             raise BadRow(f"{col!r} must be a string or a chat message list, got {type(value).__name__}")
-        return raw, (_reference(row, self._answer_column) if self._answer_column else None)
+        missing = [c for c in self._extra_columns if c not in row]
+        if missing:
+            raise BadRow(f"no {missing[0]!r} field (data.extra_columns)")
+        reference = _reference(row, self._answer_column) if self._answer_column else None
+        return raw, reference, {c: row[c] for c in self._extra_columns}
 
 
 def _conversation(messages: list, col: str) -> list[dict[str, str]]:

@@ -47,8 +47,8 @@ class LearnerGroup:
             ray.remote(LearnerWorker).options(**actor_options(slot, pgs, env)).remote(cfg, model_path, rank, len(slots))
             for rank, slot in enumerate(slots)
         ]
-        # Rank 0's node hosts the rendezvous, wherever Ray placed it.
-        master_addr, master_port = ray.get(self.workers[0].node_address.remote(), timeout=self.timeout_s)
+        # Rank 0's node hosts the rendezvous, wherever Ray placed it; its store holds the port from the start.
+        master_addr, master_port = ray.get(self.workers[0].rendezvous.remote(), timeout=self.timeout_s)
         self._all("init_process_group", master_addr, master_port)
 
     def _all(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
@@ -66,13 +66,14 @@ class LearnerGroup:
         ref = ray.put(data)  # one object-store copy shared by all ranks
         return self._all("train_round", ref)[0]
 
-    def export_weights_ref(self) -> ray.ObjectRef:
-        """Rank 0's safetensors bytes as an object-store reference: the driver forwards it without a copy."""
-        refs = [w.export_weights.remote() for w in self.workers]
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if pending:
-            raise LearnerGroupError(f"learner.export_weights did not finish within {self.timeout_s:.0f} s")
-        return refs[0]
+    def start(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """Call `method` on every rank without waiting (the weight broadcast runs alongside the engines' receives);
+        rank 0's ref first."""
+        return [getattr(w, method).remote(*args) for w in self.workers]
+
+    def export_weight_buckets(self, bucket_bytes: int, put: Any, adapter_only: bool = False) -> tuple[list[Any], int]:
+        """Rank 0's weight buckets, each passed through `put` inside the rank (see `LearnerWorker`)."""
+        return self._all("export_weight_buckets", bucket_bytes, put, adapter_only)[0]
 
     def save_pretrained(self, path: str) -> str:
         return self._all("save_pretrained", path)[0]
@@ -84,6 +85,13 @@ class LearnerGroup:
     def load_state(self, path: str) -> int:
         """Restore what `save_state` wrote; returns the optimizer step the learner continues from."""
         return self._all("load_state", path)[0]
+
+    def offload_states(self) -> None:
+        """Colocation: free the GPU of the optimizer states and weights while the engines generate."""
+        self._all("offload_states")
+
+    def reload_states(self) -> None:
+        self._all("reload_states")
 
     def parameter_checksums(self) -> list[float]:
         return self._all("parameter_checksum")

@@ -1,4 +1,4 @@
-"""`omni-ray make-tiny`: a tiny Llama + tokenizer built offline, warm-started by a short seeded SFT.
+"""`omni-ray make-tiny`: a tiny Llama + tokenizer built offline, warm-started by a seeded SFT to a target accuracy.
 
 Why these choices (docs/methods.md sec. 5, measured on the 2-core CPU machine):
 - The tokenizer is a byte-level BPE with no merges over the task's alphabet, i.e. one token per character. A BPE
@@ -6,14 +6,21 @@ Why these choices (docs/methods.md sec. 5, measured on the 2-core CPU machine):
   preference learning visible in minutes.
 - Llama hidden 256 / 4 layers / 8 heads / 4 kv heads (head_dim 32, the minimum vLLM's CPU attention supports).
 - The SFT warm start stops early, while accuracy is still rising: a plateaued warm start leaves nothing to learn.
-Everything is a function of the seed, so `omni-ray train` can rebuild a missing model deterministically.
+  It stops at the first held-out check at or above a target accuracy (greedy, in-process, on the seed's fixed eval
+  prompts) rather than after a fixed step count, because the step at which a seed reaches a given accuracy varies
+  from seed to seed: every seed then starts its online rounds from the same accuracy.
+Everything is a function of the seed, so `omni-ray train` can rebuild a missing model deterministically (on one
+machine: float reductions differ between CPUs, and so may the step at which the target is reached).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +28,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from omni_ray.data.arith import ArithTask
+from omni_ray.data import Prompt
+from omni_ray.data.arith import ArithTask, is_correct
+from omni_ray.tracking import write_json
+
+log = logging.getLogger(__name__)
 
 ALPHABET = list("0123456789+-*=") + [" "]
+#: torch threads of a build. One: the result is then the same whatever the core count or OMP_NUM_THREADS (a matmul
+#: split over threads sums in another order), and the tiny matmuls gain little from a second thread, while on a busy
+#: 2-core machine two threads made an SFT step ~7x slower than one (20 steps: 92 s vs 12 s, measured).
+BUILD_THREADS = 1
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 
 
@@ -105,15 +120,20 @@ def sft_warm_start(
     lr: float,
     batch_size: int,
     seed: int,
+    until: Callable[[int], bool] | None = None,
 ) -> list[float]:
-    """Supervised steps on (prompt -> answer + EOS), loss on the answer tokens only. Returns the loss curve."""
+    """Supervised steps on (prompt -> answer + EOS), loss on the answer tokens only. Returns the loss curve.
+
+    At most ``steps`` steps; ``until(n)``, called after the n-th step, ends training early when it returns True.
+    ``task`` is anything with ``sft_batch(rng, size) -> [(prompt, answer), ...]``.
+    """
     rng = np.random.default_rng([seed, 3])
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         batch = task.sft_batch(rng, batch_size)
         ids, labels = [], []
         for prompt, answer in batch:
@@ -133,8 +153,106 @@ def sft_warm_start(
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
+        if until is not None and until(step):
+            break
     model.eval()
     return losses
+
+
+def greedy_accuracy(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[Prompt], *, max_new_tokens: int
+) -> float:
+    """Exact-match accuracy of the model's greedy answers to arith prompts (their ``reference`` is the sum).
+
+    One batched HF ``generate`` in this process: on the tiny model, 500 prompts take well under a second, where a
+    vLLM engine would take tens of seconds to start. The model's train / eval mode is restored afterwards.
+    """
+    if not prompts:
+        raise ValueError("greedy_accuracy needs at least one prompt")
+    ids = [encode_prompt(tokenizer, p.text) for p in prompts]
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    attn = (input_ids != pad).long()
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attn,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    model.train(was_training)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return float(np.mean([is_correct(t, int(p.reference)) for t, p in zip(texts, prompts, strict=True)]))
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """What a warm start did: ``steps`` taken, greedy held-out ``accuracy`` of the final model, every
+    ``(step, accuracy)`` check on the way, the last step's loss."""
+
+    steps: int
+    accuracy: float
+    checks: list[tuple[int, float]]
+    final_loss: float | None
+
+
+def warm_start_to_target(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    task: ArithTask,
+    *,
+    target_accuracy: float | None,
+    max_steps: int,
+    check_every: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+) -> WarmStart:
+    """``sft_warm_start`` until the first check (greedy accuracy on ``task``'s eval prompts, every ``check_every``
+    steps) at or above ``target_accuracy``, ``max_steps`` at most; ``target_accuracy=None``: exactly ``max_steps``
+    steps and no checks. The final model's accuracy is measured either way. Checks draw no random numbers, so the
+    first n steps are the same with or without a target."""
+    if target_accuracy is not None and not 0.0 <= target_accuracy <= 1.0:
+        raise ValueError(f"target_accuracy must be in [0, 1] or None, got {target_accuracy!r}")
+    if max_steps < 0 or check_every < 1:
+        raise ValueError(f"need max_steps >= 0 and check_every >= 1, got {max_steps} and {check_every}")
+    eval_set = task.eval_prompts()
+    # The answer's digits and one more token: a longer greedy budget cannot change which answers are exact.
+    answer_tokens = len(str(2 * task.max_operand)) + 1
+    checks: list[tuple[int, float]] = []
+
+    def reached(step: int) -> bool:
+        if target_accuracy is None or step % check_every:
+            return False
+        checks.append((step, greedy_accuracy(model, tokenizer, eval_set, max_new_tokens=answer_tokens)))
+        return checks[-1][1] >= target_accuracy
+
+    losses = sft_warm_start(model, tokenizer, task, steps=max_steps, lr=lr, batch_size=batch_size, seed=seed,
+                            until=reached)  # fmt: skip
+    steps = len(losses)
+    if checks and checks[-1][0] == steps:
+        accuracy = checks[-1][1]
+    else:
+        accuracy = greedy_accuracy(model, tokenizer, eval_set, max_new_tokens=answer_tokens)
+    if target_accuracy is not None and accuracy < target_accuracy:
+        log.warning("tiny model warm start: greedy accuracy %.3f after %d steps (the cap), below the target %.3f",
+                    accuracy, steps, target_accuracy)  # fmt: skip
+    return WarmStart(steps=steps, accuracy=accuracy, checks=checks, final_loss=losses[-1] if losses else None)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_tiny(
@@ -149,37 +267,55 @@ def make_tiny(
     num_kv_heads: int = 4,
     intermediate_size: int = 512,
     max_position_embeddings: int = 64,
-    sft_steps: int = 330,
+    sft_target_accuracy: float | None = 0.30,
+    sft_max_steps: int = 1000,
+    sft_check_every: int = 10,
     sft_lr: float = 1e-3,
     sft_batch_size: int = 64,
 ) -> Path:
-    """Build tokenizer + model, warm-start, save both in HF layout (written to a temp dir, then renamed)."""
+    """Build tokenizer + model, warm-start, save both in HF layout (written to a temp dir, then renamed).
+
+    The warm start (``warm_start_to_target``) stops at the first held-out check at or above ``sft_target_accuracy``,
+    after ``sft_max_steps`` at most (a warning then says the target was not reached); ``sft_target_accuracy=None``
+    trains exactly ``sft_max_steps`` steps. ``omni_ray_tiny.json`` records the steps taken, the accuracy reached and
+    every check.
+    """
     out = Path(out_dir)
     t0 = time.perf_counter()
-    tokenizer = build_tokenizer()
-    model = build_model(
-        tokenizer,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        seed=seed,
-    )
-    task = ArithTask(max_operand=max_operand, seed=seed, eval_size=eval_prompts)
-    losses = sft_warm_start(model, tokenizer, task, steps=sft_steps, lr=sft_lr, batch_size=sft_batch_size, seed=seed)
+    with _torch_threads(BUILD_THREADS):
+        tokenizer = build_tokenizer()
+        model = build_model(
+            tokenizer,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings,
+            seed=seed,
+        )
+        task = ArithTask(max_operand=max_operand, seed=seed, eval_size=eval_prompts)
+        warm = warm_start_to_target(model, tokenizer, task, target_accuracy=sft_target_accuracy,
+                                    max_steps=sft_max_steps, check_every=sft_check_every, lr=sft_lr,
+                                    batch_size=sft_batch_size, seed=seed)  # fmt: skip
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     info = {
         "seed": seed,
-        "sft_steps": sft_steps,
-        "final_sft_loss": losses[-1] if losses else None,
+        "sft_steps": warm.steps,
+        "sft_accuracy": warm.accuracy,
+        "sft_target_accuracy": sft_target_accuracy,
+        "sft_target_reached": None if sft_target_accuracy is None else warm.accuracy >= sft_target_accuracy,
+        "sft_max_steps": sft_max_steps,
+        "sft_check_every": sft_check_every,
+        "sft_checks": [list(c) for c in warm.checks],
+        "eval_prompts": eval_prompts,
+        "final_sft_loss": warm.final_loss,
         "params": sum(p.numel() for p in model.parameters()),
         "build_s": round(time.perf_counter() - t0, 2),
     }
-    (tmp / "omni_ray_tiny.json").write_text(json.dumps(info, indent=2))
+    write_json(tmp / "omni_ray_tiny.json", info)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

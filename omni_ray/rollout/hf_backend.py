@@ -11,12 +11,12 @@ repeats its samples exactly. Changing the batch composition changes which random
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from omni_ray.rollout.worker import GenerationBackend, derive_seed, resolve_threads
-from omni_ray.weight_sync import deserialize_state_dict
+from omni_ray.rollout.base import GenerationBackend, derive_seed, resolve_threads
 
 
 class HFBackend(GenerationBackend):
@@ -40,10 +40,11 @@ class HFBackend(GenerationBackend):
         num_threads: int | None = None,
         prompts_per_batch: int = 64,
         device: str = "cpu",
+        lora: Mapping[str, Any] | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        super().__init__(model_path, max_model_len=max_model_len, trust_remote_code=trust_remote_code)
+        super().__init__(model_path, max_model_len=max_model_len, trust_remote_code=trust_remote_code, lora=lora)
         threads = resolve_threads(num_threads)
         if threads is not None:
             torch.set_num_threads(threads)
@@ -53,6 +54,12 @@ class HFBackend(GenerationBackend):
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         ).to(self.device)
+        if self.lora:  # adapter updates load into peft's LoRA layers (B = 0 at first: the base model)
+            import peft
+
+            from omni_ray.models.adapters import peft_config
+
+            self.model = peft.get_peft_model(self.model, peft_config(self.lora, self.lora["target_modules"]))
         self.model.eval()
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else min(self.eos_token_ids)
@@ -94,7 +101,23 @@ class HFBackend(GenerationBackend):
             mask[row, width - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _load_weights(self, blob: bytes) -> None:
-        """Strict load: a missing or unexpected parameter name is an error, never a silently stale weight."""
-        state: dict[str, Any] = deserialize_state_dict(blob)
-        self.model.load_state_dict(state, strict=True)
+    def _begin_update(self) -> None:
+        self._pending = set(self.update_tensor_names if self.lora else self.model.state_dict())
+
+    def _load_bucket(self, tensors: Mapping[str, Any]) -> None:
+        """An unexpected name is an error, never a silently ignored weight."""
+        if self.lora:
+            import peft
+
+            result = peft.set_peft_model_state_dict(self.model, dict(tensors))
+        else:
+            result = self.model.load_state_dict(dict(tensors), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"weights the model does not have: {sorted(result.unexpected_keys)[:5]}")
+        self._pending -= set(tensors)
+
+    def _finish_update(self) -> None:
+        """Strict as a whole: every weight of the model arrived in some bucket."""
+        if self._pending:
+            missing = sorted(self._pending)
+            raise ValueError(f"weight update lacks {len(missing)} model weights, e.g. {missing[:5]}")

@@ -1,268 +1,82 @@
 """The rollout role: a plain class that samples completions from the current policy and accepts new weights.
 
 `RolloutWorker` is deliberately not a Ray actor: tests and debugging sessions call it in-process, and the driver
-wraps it with `ray.remote(RolloutWorker)`. The generation engine is a `GenerationBackend` (vLLM by default, HF
-`generate` as the fallback); everything that does not depend on the engine lives here, once, so both backends
-return byte-identical structures for identical token streams:
-
-- argument validation and the prompt-length contract (prompt + max_new_tokens must fit in max_model_len, checked
-  up front so both engines fail the same way instead of one truncating silently);
-- greedy decoding (temperature == 0) generates ONE sequence per prompt and repeats it n times: greedy samples are
-  identical by definition, and vLLM rejects n > 1 with greedy sampling;
-- EOS trimming and `Completion` building. `token_ids` INCLUDE the EOS token when generation stopped on EOS, so the
-  learner trains the model to stop; `finished` is False when the completion hit max_new_tokens instead;
-  `text` is the decoded completion without special tokens;
-- per-prompt seed derivation, so prompt i's samples do not depend on which other prompts share the call.
+wraps it with `ray.remote(RolloutWorker)`. Its public methods are everything other roles may ask of it (generate,
+the weight-update session, the nccl broadcast, sleep / wake); the engine behind it is a `GenerationBackend`
+(rollout/base.py) chosen by `rollout.backend` from `BACKENDS`, imported only when chosen.
 """
 
 from __future__ import annotations
 
-import abc
-import hashlib
+import importlib
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from omni_ray.rollout.base import Completion, GenerationBackend
 from omni_ray.tracking import BusyClock
-from omni_ray.weight_sync import blob_tensor_names
 
 logger = logging.getLogger(__name__)
 
-#: Env var read when `num_threads` is not passed: intra-op threads of the generation engine in this process.
-THREADS_ENV = "OMNI_RAY_ROLLOUT_THREADS"
+#: `rollout.backend` -> the backend class, "module:Class" (vLLM alone takes ~11 s to import).
+BACKENDS = {
+    "vllm": "omni_ray.rollout.vllm_backend:VLLMBackend",
+    "hf": "omni_ray.rollout.hf_backend:HFBackend",
+}
 
 
-@dataclass(frozen=True)
-class Completion:
-    """One sampled continuation of a prompt.
-
-    token_ids: generated ids only (no prompt), including the EOS token when `finished`.
-    finished: True when generation stopped on EOS, False when it ran into max_new_tokens.
-    """
-
-    text: str
-    token_ids: list[int]
-    finished: bool
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """A 56-bit seed for prompt `index` of a call seeded with `seed`.
-
-    Hashing (rather than seed + index) keeps the streams of consecutive calls (seed, seed + 1, ...) disjoint, and
-    leaves room for vLLM's per-sample offsets (sample k of a prompt uses seed + k).
-    """
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=7).digest()
-    return int.from_bytes(digest, "little")
-
-
-def trim_completion(token_ids: Sequence[int], eos_token_ids: frozenset[int]) -> tuple[list[int], bool]:
-    """Cut a raw generated stream after its first EOS (kept) and report whether it finished.
-
-    HF pads finished rows of a batch with pad tokens after EOS (pad may even equal EOS); vLLM stops at EOS. Cutting
-    at the first EOS makes both streams identical.
-    """
-    ids = [int(t) for t in token_ids]
-    for i, tok in enumerate(ids):
-        if tok in eos_token_ids:
-            return ids[: i + 1], True
-    return ids, False
-
-
-def eos_token_ids_of(model_path: str | Path, tokenizer: Any) -> frozenset[int]:
-    """Every id that ends a completion: the tokenizer's EOS plus generation_config.json's eos_token_id(s)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    try:
-        from transformers import GenerationConfig
-
-        gen_eos = GenerationConfig.from_pretrained(str(model_path)).eos_token_id
-    except OSError:  # no generation_config.json
-        gen_eos = None
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(int(t) for t in gen_eos)
-    if not ids:
-        raise ValueError(f"{model_path}: neither the tokenizer nor generation_config.json defines an EOS token")
-    return frozenset(ids)
-
-
-def checkpoint_tensor_names(model_path: str | Path) -> frozenset[str]:
-    """Tensor names of the model's safetensors checkpoint (headers only); empty when it has no safetensors files."""
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for file in sorted(Path(model_path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            names.update(f.keys())
-    return frozenset(names)
-
-
-def resolve_threads(num_threads: int | None) -> int | None:
-    """The requested engine thread count: the argument, else $OMNI_RAY_ROLLOUT_THREADS, else None (leave as is)."""
-    if num_threads is None and os.environ.get(THREADS_ENV):
-        num_threads = int(os.environ[THREADS_ENV])
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    return num_threads
-
-
-class GenerationBackend(abc.ABC):
-    """What a generation engine must provide; the shared behaviour is implemented here once.
-
-    Subclasses implement `_generate_ids` (raw generated token streams, n per prompt) and `load_weights`.
-    """
-
-    name: ClassVar[str]
-
-    def __init__(self, model_path: str, *, max_model_len: int, trust_remote_code: bool) -> None:
-        from transformers import AutoTokenizer
-
-        self.model_path = str(model_path)
-        self.max_model_len = max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
-        self.eos_token_ids = eos_token_ids_of(self.model_path, self.tokenizer)
-        self.checkpoint_tensor_names = checkpoint_tensor_names(self.model_path)
-
-    def generate(
-        self,
-        prompt_token_ids: Sequence[Sequence[int]],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seed: int,
-    ) -> list[list[Completion]]:
-        """n completions per prompt, in prompt order. temperature == 0 means greedy (n identical completions)."""
-        if n < 1 or max_new_tokens < 1:
-            raise ValueError(f"n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature=}, {top_p=}")
-        prompts = [[int(t) for t in p] for p in prompt_token_ids]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + max_new_tokens > self.max_model_len:
-                raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; + max_new_tokens={max_new_tokens} exceeds "
-                    f"max_model_len={self.max_model_len}"
-                )
-        if not prompts:
-            return []
-        greedy = temperature == 0
-        raw = self._generate_ids(
-            prompts,
-            n=1 if greedy else n,
-            temperature=temperature,
-            top_p=1.0 if greedy else top_p,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-        )
-        if len(raw) != len(prompts):
-            raise RuntimeError(f"{self.name} backend returned {len(raw)} results for {len(prompts)} prompts")
-        out = [[self._completion(ids) for ids in streams] for streams in raw]
-        return [row * n for row in out] if greedy else out
-
-    def _completion(self, raw_ids: Sequence[int]) -> Completion:
-        ids, finished = trim_completion(raw_ids, self.eos_token_ids)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return Completion(text=text, token_ids=ids, finished=finished)
-
-    @abc.abstractmethod
-    def _generate_ids(
-        self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
-    ) -> list[list[list[int]]]:
-        """Raw generated ids, [prompt][sample] -> ids (EOS and any padding after it may be present).
-
-        Sampling must be seeded from `seed` so that a repeated call with the same weights repeats its output.
-        temperature == 0 is greedy and comes with n == 1.
-        """
-
-    def load_weights(self, blob: bytes) -> None:
-        """Replace the policy weights with a safetensors blob of an HF state dict (HF parameter names).
-
-        Every tensor of the model's checkpoint must be in the blob: vLLM only logs a warning for weights it did not
-        reload, which would leave a silently stale policy. Extra names (e.g. a tied lm_head.weight that
-        save_pretrained drops) are left to the engine.
-        """
-        if self.checkpoint_tensor_names:
-            missing = self.checkpoint_tensor_names - blob_tensor_names(blob)
-            if missing:
-                raise ValueError(
-                    f"weight blob lacks {len(missing)} of the checkpoint's {len(self.checkpoint_tensor_names)} "
-                    f"tensors, e.g. {sorted(missing)[:5]}"
-                )
-        self._load_weights(blob)
-
-    @abc.abstractmethod
-    def _load_weights(self, blob: bytes) -> None:
-        """Load a validated blob into the engine."""
-
-    def close(self) -> None:
-        """Release engine resources (processes, process groups). The backend is unusable afterwards."""
-        return None  # nothing to release by default (the HF backend's model is freed by garbage collection)
-
-
-def _vllm_importable() -> bool:
+def vllm_import_error() -> str | None:
+    """Why vLLM cannot be imported here, or None when it can (a broken install raises more than ImportError)."""
     try:
         import vllm  # noqa: F401
-    except Exception as exc:  # a broken install raises more than ImportError (e.g. torchvision mismatch)
-        logger.warning("vllm is not importable (%s: %s); falling back to the HF backend", type(exc).__name__, exc)
-        return False
-    return True
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
-def make_backend(
-    model_path: str,
-    *,
-    backend: str = "auto",
-    seed: int = 0,
-    dtype: str = "float32",
-    max_model_len: int = 64,
-    trust_remote_code: bool = False,
-    num_threads: int | None = None,
-    **options: Any,
-) -> GenerationBackend:
-    """Build a backend by name ("vllm", "hf", or "auto" = vllm when importable, else hf)."""
-    if backend == "auto":
-        backend = "vllm" if _vllm_importable() else "hf"
-    common: dict[str, Any] = {
-        "seed": seed,
-        "dtype": dtype,
-        "max_model_len": max_model_len,
-        "trust_remote_code": trust_remote_code,
-        "num_threads": num_threads,
-    }
-    if backend == "vllm":
-        from omni_ray.rollout.vllm_backend import VLLMBackend
+def choose_backend(backend: str) -> str:
+    """`auto` resolves to vllm when it imports, else hf, and says which and why (a silent fallback would hide a
+    broken vLLM behind a ~2x slower engine)."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown rollout backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+        return backend
+    error = vllm_import_error()
+    chosen = "vllm" if error is None else "hf"
+    why = "vllm imports" if error is None else f"vllm cannot be imported ({error})"
+    print(f"[omni-ray] rollout.backend=auto: using {chosen}: {why}", flush=True)
+    return chosen
 
-        return VLLMBackend(model_path, **common, **options)
-    if backend == "hf":
-        from omni_ray.rollout.hf_backend import HFBackend
 
-        return HFBackend(model_path, **common, **options)
-    raise ValueError(f"unknown rollout backend {backend!r}; expected 'auto', 'vllm' or 'hf'")
+def make_backend(model_path: str, *, backend: str = "auto", **options: Any) -> GenerationBackend:
+    """Build a backend by name (`BACKENDS`, or "auto"); options go to its constructor."""
+    module, _, cls = BACKENDS[choose_backend(backend)].partition(":")
+    return getattr(importlib.import_module(module), cls)(model_path, **options)
 
 
 class StaleWeightsError(RuntimeError):
     """The worker holds another policy version than the caller expects (e.g. it was restarted from the model dir)."""
 
 
+def read_weight_bucket(blob: bytes | str) -> dict[str, Any]:
+    """One bucket of HF-named tensors from safetensors bytes, or from a safetensors file path (the disk strategy)."""
+    import safetensors.torch
+
+    if isinstance(blob, str):
+        return safetensors.torch.load_file(blob)
+    return safetensors.torch.load(bytes(blob))
+
+
 class RolloutWorker:
     """Samples completions from the current policy and accepts new policy weights.
 
-    A plain class: the driver runs it as `ray.remote(RolloutWorker)`; Ray runs an actor's methods one at a time,
-    so a weight load never overlaps a generation.
+    A plain class: the driver runs it as `ray.remote(RolloutWorker)`; Ray runs an actor's methods one at a time and in
+    order, so a weight update never overlaps a generation.
 
     Args:
         model_path: HF model directory (config, weights, tokenizer).
-        backend: "vllm", "hf", or "auto" (vllm when importable, else hf).
+        backend: a key of `BACKENDS`, or "auto" (vllm when importable, else hf).
         seed: engine seed (vLLM global seed; HF uses per-call seeds only).
         dtype: "float32" | "bfloat16" | "float16".
         max_model_len: prompt + completion budget in tokens; longer requests raise ValueError.
@@ -341,20 +155,58 @@ class RolloutWorker:
                 prompt_token_ids, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
             )
 
-    def load_weights(self, blob: bytes, version: int | None = None) -> int:
-        """Load new policy weights (safetensors bytes of an HF state dict); returns the new policy version.
+    # -- weight updates (omni_ray/weight_sync/): begin, buckets, finish
 
-        `version` is the learner's version number; without it the worker's counter is incremented.
-        """
+    def begin_weight_update(self) -> None:
+        """Start loading a new policy; until `finish_weight_update` the worker holds no usable version."""
         with self.clock.timing("sync"):
-            self._backend.load_weights(blob)
-        self.policy_version = self.policy_version + 1 if version is None else int(version)
+            self.policy_version = -1
+            self._backend.begin_weight_update()
+
+    def load_weight_bucket(self, blob: bytes | str) -> int:
+        """One bucket of the new policy: safetensors bytes (object store) or a safetensors file (disk)."""
+        with self.clock.timing("sync"):
+            return self._backend.load_weight_bucket(read_weight_bucket(blob))
+
+    def finish_weight_update(self, version: int) -> int:
+        """Check that every weight arrived and record the learner's version number; returns it."""
+        with self.clock.timing("sync"):
+            self._backend.finish_weight_update()
+        self.policy_version = int(version)
         return self.policy_version
 
-    def load_weights_from_file(self, path: str, version: int | None = None) -> int:
-        """`load_weights` from a safetensors file (the disk sync strategy; needs a filesystem shared with the
-        learner)."""
-        return self.load_weights(Path(path).read_bytes(), version)
+    def load_weights(self, blob: bytes | str, version: int) -> int:
+        """A whole update from one bucket (a full safetensors state dict): begin, load, finish."""
+        self.begin_weight_update()
+        self.load_weight_bucket(blob)
+        return self.finish_weight_update(version)
+
+    # -- the nccl strategy: this worker's engine joins a broadcast group of its own
+
+    def param_names(self) -> list[str]:
+        return self._backend.param_names()
+
+    def open_weight_broadcast(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                              timeout_s: float) -> int:  # fmt: skip
+        return self._backend.open_broadcast(host, port, rank_offset, world_size, backend, timeout_s)
+
+    def receive_weight_broadcast(self, wire_buckets: list, version: int) -> int:
+        """Receive a full set of weights from learner rank 0 and take its version."""
+        self.begin_weight_update()
+        with self.clock.timing("sync"):
+            self._backend.receive_broadcast(wire_buckets)
+        return self.finish_weight_update(version)
+
+    def close_weight_broadcast(self) -> None:
+        self._backend.close_broadcast()
+
+    # -- colocation (placement.colocate): free the GPU while the learner trains
+
+    def sleep(self, level: int) -> None:
+        self._backend.sleep(level)
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        self._backend.wake_up(tags)
 
     def busy(self) -> dict[str, float]:
         """Seconds spent generating and loading weights since start-up (`BusyClock.totals`)."""
@@ -363,3 +215,6 @@ class RolloutWorker:
     def close(self) -> None:
         """Shut the engine down (frees vLLM's process group, so the process can start another engine)."""
         self._backend.close()
+
+
+__all__ = ["BACKENDS", "Completion", "RolloutWorker", "StaleWeightsError", "make_backend", "read_weight_bucket"]

@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from omni_ray.scoring.scorers import Scorer, ScoreResult, _as_range, _check_inputs
+from omni_ray.scoring.base import Scorer, ScoreResult, check_inputs, check_range, register_scorer
 
 __all__ = [
     "DEFAULT_POP_TEMPLATE",
-    "PopJudge",
+    "JudgeEngine",
     "JudgeScorer",
+    "PopJudge",
     "default_rating_template",
     "judge_comparisons",
     "parse_choice",
@@ -50,6 +51,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PairText = tuple[str, str, str]  # (prompt, chosen, rejected)
+
+_DEFAULT_BATCH_SIZE = 64
 
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
 _RATING_FIELDS = frozenset({"prompt", "response"})
@@ -111,8 +114,12 @@ def parse_choice(text: str, choices: Sequence[str]) -> int | None:
 # the engine both judges use
 
 
-class _JudgeEngine:
-    """Greedy batched generation of text prompts on a RolloutWorker (given, or built from a model dir)."""
+class JudgeEngine:
+    """Greedy batched generation of text prompts on a RolloutWorker (given, or built from a model dir).
+
+    ``max_model_len`` is the prompt + output token budget: given, else the given engine's ``max_model_len``, else
+    the model config's ``max_position_embeddings``; 0 = unknown, the engine's own check applies.
+    """
 
     def __init__(
         self,
@@ -153,9 +160,8 @@ class _JudgeEngine:
             self.owned = True
         else:
             self.owned = False
-            if max_model_len <= 0:  # a RolloutWorker keeps it on its backend
-                inner = getattr(engine, "_backend", engine)
-                max_model_len = int(getattr(inner, "max_model_len", 0) or 0)
+            if max_model_len <= 0:  # a RolloutWorker exposes its context length
+                max_model_len = int(getattr(engine, "max_model_len", 0) or 0)
         self.engine = engine
         self.max_model_len = max_model_len  # 0 = unknown: the engine's own check applies
         self.seed = seed
@@ -227,6 +233,7 @@ class JudgeScorer(Scorer):
         max_new_tokens: tokens generated per rating.
         batch_size: prompts per engine call.
 
+    ``generator`` is the :class:`JudgeEngine` generating the ratings (its ``max_model_len`` is the token budget);
     ``last_outputs`` keeps the raw outputs of the last call (None where the prompt did not fit) for audit;
     ``last_stats`` its counters (``n``, ``unparseable``, ``too_long``, ``engine_calls``).
     """
@@ -238,39 +245,21 @@ class JudgeScorer(Scorer):
         template: str = "",
         scale: tuple[float, float] = (0.0, 10.0),
         max_new_tokens: int = 8,
-        batch_size: int = 64,
+        batch_size: int = _DEFAULT_BATCH_SIZE,
         name: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        self.scale = _as_range("judge scale", scale)
+        self.scale = check_range("judge scale", scale)
         self.template = template or default_rating_template(self.scale)
         _template_fields(self.template, _RATING_FIELDS, {"response"}, "judge template")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"need max_new_tokens >= 1 and batch_size >= 1, got {max_new_tokens}, {batch_size}")
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
-        self._engine = _JudgeEngine(engine, **engine_kwargs)
+        self.generator = JudgeEngine(engine, **engine_kwargs)
         label = engine_kwargs.get("path") or getattr(engine, "model_path", "") or type(engine).__name__
         self.name = name or f"judge:{str(label).rstrip('/').rsplit('/', 1)[-1]}"
         self.last_outputs: list[str | None] = []
         self.last_stats: dict[str, int] = {}
-
-    @classmethod
-    def from_spec(
-        cls, spec: Any, *, scale: tuple[float, float], trust_remote_code: bool = False, device: str = "cpu"
-    ) -> JudgeScorer:
-        """From a ``ScorerSpec`` of type ``judge`` (``path``, ``template``, ``backend``, ``max_new_tokens``, ...)."""
-        if not spec.path:
-            raise ValueError("a judge scorer needs a causal LM dir (path)")
-        return cls(
-            template=spec.template,
-            scale=scale,
-            max_new_tokens=spec.max_new_tokens,
-            batch_size=spec.batch_size or 64,
-            chat_template=spec.chat_template,
-            **_engine_kwargs(
-                spec.path, spec.backend, spec.max_model_len, trust_remote_code=trust_remote_code, device=device
-            ),
-        )
 
     def prompts_for(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         """The rating prompts the judge is shown."""
@@ -279,8 +268,8 @@ class JudgeScorer(Scorer):
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> ScoreResult:
         """One rating per response (NaN where none could be read), with ``unparseable`` counted."""
         prompts, responses = list(prompts), list(responses)
-        _check_inputs(prompts, responses)
-        outputs, calls = self._engine.generate(
+        check_inputs(prompts, responses)
+        outputs, calls = self.generator.generate(
             self.prompts_for(prompts, responses), max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
         )
         scores = np.full(len(outputs), np.nan, dtype=np.float64)
@@ -309,7 +298,7 @@ class JudgeScorer(Scorer):
 
     def close(self) -> None:
         """Shut down the engine when the judge built it."""
-        self._engine.close()
+        self.generator.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -377,7 +366,7 @@ class PopJudge:
         template: str = "",
         choices: Sequence[str] = ("A", "B"),
         max_new_tokens: int = 4,
-        batch_size: int = 64,
+        batch_size: int = _DEFAULT_BATCH_SIZE,
         both_orders: bool = False,
         **engine_kwargs: Any,
     ) -> None:
@@ -391,7 +380,7 @@ class PopJudge:
         self.choices = (cs[0], cs[1])
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.both_orders = bool(both_orders)
-        self._engine = _JudgeEngine(engine, **engine_kwargs)
+        self.generator = JudgeEngine(engine, **engine_kwargs)
         self.last_outputs: list[str | None] = []
         self.last_stats: dict[str, int] = {}
         self.stats: dict[str, int] = {}
@@ -440,7 +429,7 @@ class PopJudge:
         texts = [self.prompt_for(a, b) for a, b in zip(pairs_a, pairs_b, strict=True)]
         if self.both_orders:
             texts += [self.prompt_for(b, a) for a, b in zip(pairs_a, pairs_b, strict=True)]
-        outputs, calls = self._engine.generate(texts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        outputs, calls = self.generator.generate(texts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         verdicts, counts = verdicts_from_outputs(outputs, self.choices, both_orders=self.both_orders)
         unparseable, too_long, inconsistent = counts["unparseable"], counts["too_long"], counts["inconsistent"]
         self.last_outputs = outputs
@@ -466,7 +455,7 @@ class PopJudge:
 
     def close(self) -> None:
         """Shut down the engine when the judge built it."""
-        self._engine.close()
+        self.generator.close()
 
 
 def judge_comparisons(
@@ -522,3 +511,19 @@ def as_pop_judge(judge: Any) -> Any:
     if isinstance(judge, Mapping):
         return PopJudge(**dict(judge))
     raise TypeError(f"expected a PopJudge or its kwargs, got {type(judge).__name__}")
+
+
+@register_scorer("judge")
+def _judge(spec: Any, *, scale: tuple[float, float], device: str, trust_remote_code: bool, where: str) -> JudgeScorer:
+    if not spec.path:
+        raise ValueError(f"{where}.path: a judge scorer needs a causal LM dir")
+    return JudgeScorer(
+        template=spec.template,
+        scale=scale,
+        max_new_tokens=spec.max_new_tokens,
+        batch_size=spec.batch_size or _DEFAULT_BATCH_SIZE,
+        chat_template=spec.chat_template,
+        **_engine_kwargs(
+            spec.path, spec.backend, spec.max_model_len, trust_remote_code=trust_remote_code, device=device
+        ),
+    )
