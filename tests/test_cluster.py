@@ -100,22 +100,33 @@ def ray_head():
 
 
 @pytest.mark.integration
-def test_ray_job_submit_runs_a_one_round_job_to_success(ray_head, tmp_path, tiny_model_dir):
-    address, env = ray_head
-    out_dir = tmp_path / "runs"
-    work = tmp_path / "work"  # a copy, as a user's checkout would be uploaded
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "runs", "models", ".git", "__pycache__"))
-    submission = "omni-ray-test-job"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission,
-           "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-           "omni-ray", "train", "configs/local_tiny.yaml", "run.rounds=1", f"run.output_dir={out_dir}",
-           "run.name=job", f"model.path={tiny_model_dir}", "rollout.backend=hf", "data.prompts_per_round=32",
-           "data.eval_prompts=32", "rollout.samples_per_prompt=4", "learner.batch_size=16",
-           "learner.epochs=1"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+def test_ray_job_submit_runs_the_own_task_job_with_its_verifier_from_the_working_dir(ray_head, tmp_path,
+                                                                                      tiny_model_dir):  # fmt: skip
+    """A one-round job of the README's own task (examples/own_task/: a prompt jsonl and a python verifier that reads
+    the reference answers): the verifier module must import from the uploaded working dir, in the job's driver and
+    in the scorer actor, and its correct flags reach the eval."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from examples.own_task.make_problems import write_problems
+    from tests.test_own_task import MAX_OPERAND, own_task_overrides, python_scorer
+
+    address, env = ray_head
+    work = tmp_path / "work"  # the uploaded copy, as a user's checkout would be
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "runs", "models", ".git", "__pycache__"))
+    write_problems(work / "examples" / "own_task" / "problems.jsonl", rows=60, seed=0, max_operand=MAX_OPERAND)
+    out = tmp_path / "runs"
+    submission = "omni-ray-own-task-job"
+    overrides = own_task_overrides(
+        Path("examples/own_task/problems.jsonl"), out, "job", tiny_model_dir, python_scorer("exact"),
+        "run.rounds=1", "rollout.backend=hf", "data.eval_prompts=16", "data.prompts_per_round=16",
+        "rollout.samples_per_prompt=4", "learner.batch_size=8", "learner.epochs=1", "run.save_checkpoints=false",
+    )  # fmt: skip
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission,
+           "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+           "omni-ray", "train", "configs/local_tiny.yaml", *overrides]  # fmt: skip
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     status = JobSubmissionClient(address).get_job_status(submission)
     assert status == JobStatus.SUCCEEDED, f"{status}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    summary = json.loads((out_dir / "job" / "summary.json").read_text())
+    summary = json.loads((out / "job" / "summary.json").read_text())
     assert summary["rounds_completed"] == 1
+    assert summary["final_eval"]["accuracy"] is not None

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from omni_ray.config import load_config
-from tests.conftest import require_vllm
 
 
 def _cfg(tmp_path, model_dir: str, name: str, *extra: str):
@@ -129,8 +128,9 @@ def _samples(driver, round_number: int) -> list[dict]:
 
 @pytest.mark.integration
 def test_rollout_worker_killed_mid_generation_is_restarted_and_every_prompt_answered(ray_local, start_driver):
-    require_vllm()
-    driver = start_driver("kill_rollout")
+    # Two HF workers: the retry path is the driver's, whatever the engine; a killed vLLM engine's restart on its model
+    # dir is test_weight_sync.py's nccl test.
+    driver = start_driver("kill_rollout", "rollout.backend=hf")
     driver.run_round(0)  # policy version 1 now lives only in the learner and the workers
     real = driver.roles.rollout[0]
     driver.roles.rollout[0] = proxy = _KillOnCall(real)

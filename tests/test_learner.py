@@ -1,6 +1,6 @@
 """The learner: one rank in-process against independent computations; real DeepSpeed ranks over gloo (forked
-processes, tests/learner_ranks.py) for micro-batching, ZeRO-3, checkpointing and the PoP targets; the group as Ray
-actors for resume."""
+processes, tests/learner_ranks.py) for micro-batching, ZeRO-3, checkpointing, the PoP targets and resume from a
+saved learner state."""
 
 from __future__ import annotations
 
@@ -101,6 +101,25 @@ CASES = [
         }
         for update in ("fixed", "per_round")
     ),  # fmt: skip
+    *(
+        {
+            "name": f"resume-lora{rank}",
+            "world": 2,
+            "rounds": 2,
+            "resume": True,
+            "overrides": [
+                "learner.batch_size=4",
+                "learner.epochs=1",
+                "learner.zero_stage=1",
+                "learner.lr=1e-3",
+                "learner.warmup_ratio=0.5",
+                "loss.name=omni_pop",
+                "pop.target=ema",
+                f"learner.lora.rank={rank}",
+            ],
+        }
+        for rank in (0, 4)
+    ),
 ]
 
 
@@ -258,39 +277,21 @@ def test_single_rank_first_step_matches_an_independent_computation(tiny_model_di
 
 @pytest.mark.integration
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_saved_learner_state_resumes_to_identical_training(ray_local, tiny_model_dir, tmp_path, lora_rank):
+def test_saved_learner_state_resumes_to_identical_training(ranks, lora_rank):
     """Optimizer moments (ZeRO-1 shards of both ranks), LR schedule, EMA target (with LoRA: the EMA adapter) and step
-    counter all come back: round 2 after a reload into a fresh group trains to the weights of an uninterrupted round 2
-    (a missing piece of state would change them)."""
-    from omni_ray.learner.group import LearnerGroup
-
-    cfg = load_config(None, ["learner.num_workers=2", "learner.batch_size=4", "learner.epochs=1",
-                             "learner.num_cpus=0.5", "learner.zero_stage=1", "learner.lr=1e-3",
-                             "learner.warmup_ratio=0.5", "loss.name=omni_pop", "pop.target=ema",
-                             f"learner.lora.rank={lora_rank}"])  # fmt: skip
-    first, second = round_data(tiny_model_dir), round_data(tiny_model_dir, round_index=1)
-    group = LearnerGroup(cfg, tiny_model_dir, {"DS_ACCELERATOR": "cpu"})
-    try:
-        group.train_round(first)
-        group.save_state(str(tmp_path / "state"))
-        out = group.train_round(second)
-        uninterrupted = group.parameter_checksums()
-    finally:
-        group.shutdown()
-    resumed = LearnerGroup(cfg, tiny_model_dir, {"DS_ACCELERATOR": "cpu"})
-    try:
-        fresh = resumed.parameter_checksums()[0]
-        assert resumed.load_state(str(tmp_path / "state")) == 2
-        assert resumed.parameter_checksums()[0] != fresh
-        again = resumed.train_round(second)
-        assert again["global_step"] == out["global_step"] == 4
-        assert [s["lr"] for s in again["steps"]] == [s["lr"] for s in out["steps"]]
-        assert uninterrupted[0] == uninterrupted[1]
-        assert resumed.parameter_checksums()[0] == pytest.approx(uninterrupted[0], rel=0, abs=1e-9)
-        (blob,), _ = resumed.export_weight_buckets(1 << 30, bytes)
-        assert len(blob) > 0
-    finally:
-        resumed.shutdown()
+    counter all come back: round 2 after a reload into a fresh learner trains to the weights of an uninterrupted
+    round 2 (a missing piece of state would change them)."""
+    result = ranks[f"resume-lora{lora_rank}"]
+    resumed, out = result["resumed"], result["rounds"][-1]
+    assert resumed["loaded_step"] == 2
+    assert _max_diff(resumed["loaded"], resumed["fresh"]) > 0, "the load must replace the initial weights"
+    again = resumed["round"]
+    assert again["global_step"] == out["global_step"] == 4
+    assert [s["lr"] for s in again["steps"]] == [s["lr"] for s in out["steps"]]
+    assert result["checksums"][0] == result["checksums"][1]
+    for name, tensor in result["state"].items():
+        torch.testing.assert_close(resumed["state"][name], tensor, rtol=0, atol=1e-9, msg=name)
+    assert resumed["exported_bytes"] > 0
 
 
 @pytest.mark.integration

@@ -1,11 +1,9 @@
 """Bring your own task (examples/own_task/): a prompt jsonl, a binary python verifier that reads the reference answers,
-trained with the default loss (omni_pop) locally and under `ray job submit --working-dir`."""
+trained with the default loss (omni_pop); tests/test_cluster.py submits it as a `ray job submit --working-dir` job."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from examples.own_task.make_problems import write_problems
 from examples.own_task.my_verifier import exact, exact_score
 from omni_ray.config import load_config
 from omni_ray.tracking import read_records
-from tests.test_cluster import BIN, ROOT, ray_head  # noqa: F401  (ray_head: a fixture)
 
 VERIFIER = "examples.own_task.my_verifier"
 #: The example's problems: two-digit operands, as the tiny model's warm start knows them.
@@ -30,12 +27,12 @@ def own_model(tmp_path_factory) -> str:
     return str(make_tiny(tmp_path_factory.mktemp("own_model") / "tiny", seed=0))
 
 
-def _scorer(function: str, *extra: str) -> str:
+def python_scorer(function: str, *extra: str) -> str:
     fields = ", ".join([f'target: "{VERIFIER}:{function}"', "scale_low: 0", "scale_high: 1", *extra])
     return f"scoring.scorers=[{{type: python, {fields}}}]"
 
 
-def _own_task_overrides(problems: Path, out: Path, name: str, model_dir: str, *extra: str) -> list[str]:
+def own_task_overrides(problems: Path, out: Path, name: str, model_dir: str, *extra: str) -> list[str]:
     """What the example's README runs, at test sizes."""
     return [
         "data.source=prompts",
@@ -79,8 +76,8 @@ def own_run(ray_local, tmp_path_factory, own_model):
     root = tmp_path_factory.mktemp("own_task")
     problems = write_problems(root / "problems.jsonl", rows=3000, seed=0, max_operand=MAX_OPERAND)
     # The demo's learner settings (configs/local_tiny.yaml) on half its prompts per round.
-    cfg = load_config("configs/local_tiny.yaml", _own_task_overrides(
-        problems, root, "own", own_model, _scorer("exact"), "run.rounds=3", "data.prompts_per_round=256",
+    cfg = load_config("configs/local_tiny.yaml", own_task_overrides(
+        problems, root, "own", own_model, python_scorer("exact"), "run.rounds=3", "data.prompts_per_round=256",
         "run.save_checkpoints=false",
     ))  # fmt: skip
     assert cfg.loss.name == "omni_pop"
@@ -112,8 +109,8 @@ def test_correct_at_alone_gives_eval_accuracy(own_run, tmp_path, own_model):
     from omni_ray.driver import train
 
     problems = write_problems(tmp_path / "problems.jsonl", rows=3000, seed=0, max_operand=MAX_OPERAND)
-    cfg = load_config("configs/local_tiny.yaml", _own_task_overrides(
-        problems, tmp_path, "scores_only", own_model, _scorer("exact_score", "correct_at: 1"), "run.rounds=1",
+    cfg = load_config("configs/local_tiny.yaml", own_task_overrides(
+        problems, tmp_path, "scores_only", own_model, python_scorer("exact_score", "correct_at: 1"), "run.rounds=1",
         "data.prompts_per_round=16", "rollout.samples_per_prompt=4", "learner.batch_size=8", "learner.epochs=1",
         "run.save_checkpoints=false",
     ))  # fmt: skip
@@ -122,39 +119,3 @@ def test_correct_at_alone_gives_eval_accuracy(own_run, tmp_path, own_model):
     assert summary["initial_eval"]["accuracy"] == own_run[0]["initial_eval"]["accuracy"]
     assert summary["final_eval"]["accuracy"] is not None
     assert "accuracy_reason" not in summary["final_eval"]
-
-
-@pytest.mark.integration
-def test_verifier_imports_in_a_ray_job_submit_working_dir_job(ray_head, tmp_path, tiny_model_dir):  # noqa: F811
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    address, env = ray_head
-    work = tmp_path / "work"  # the uploaded copy, as a user's checkout would be
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "runs", "models", ".git", "__pycache__"))
-    write_problems(work / "examples" / "own_task" / "problems.jsonl", rows=60, seed=0, max_operand=MAX_OPERAND)
-    out = tmp_path / "runs"
-    submission = "omni-ray-own-task-job"
-    overrides = _own_task_overrides(
-        Path("examples/own_task/problems.jsonl"),
-        out,
-        "job",
-        tiny_model_dir,
-        _scorer("exact"),
-        "run.rounds=1",
-        "rollout.backend=hf",
-        "data.eval_prompts=16",
-        "data.prompts_per_round=16",
-        "rollout.samples_per_prompt=4",
-        "learner.batch_size=8",
-        "learner.epochs=1",
-        "run.save_checkpoints=false",
-    )
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission,
-           "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-           "omni-ray", "train", "configs/local_tiny.yaml", *overrides]  # fmt: skip
-    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    status = JobSubmissionClient(address).get_job_status(submission)
-    assert status == JobStatus.SUCCEEDED, f"{status}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    summary = json.loads((out / "job" / "summary.json").read_text())
-    assert summary["rounds_completed"] == 1
-    assert summary["final_eval"]["accuracy"] is not None

@@ -26,7 +26,10 @@ def _command(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
         sys.executable, "-m", "omni_ray.cli", "train", "configs/local_tiny.yaml",
         f"run.output_dir={out}", f"run.name={name}", f"run.rounds={ROUNDS}", f"model.path={model_dir}",
         "data.prompts_per_round=64", "data.eval_prompts=32", "rollout.samples_per_prompt=4",
-        "learner.batch_size=16", "learner.epochs=1", "ray.num_cpus=2", "logging.wandb.mode=offline", *extra,
+        "learner.batch_size=16", "learner.epochs=1", "ray.num_cpus=2", "logging.wandb.mode=offline",
+        # HF generate: what resume must restore is the driver's state and the seeds, whatever the engine; each
+        # backend's seeded sampling is tested on its own (test_rollout.py).
+        "rollout.backend=hf", *extra,
     ]  # fmt: skip
 
 

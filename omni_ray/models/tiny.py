@@ -35,10 +35,11 @@ from omni_ray.tracking import write_json
 log = logging.getLogger(__name__)
 
 ALPHABET = list("0123456789+-*=") + [" "]
-#: torch threads of a build. One: the result is then the same whatever the core count or OMP_NUM_THREADS (a matmul
-#: split over threads sums in another order), and the tiny matmuls gain little from a second thread, while on a busy
-#: 2-core machine two threads made an SFT step ~7x slower than one (20 steps: 92 s vs 12 s, measured).
-BUILD_THREADS = 1
+#: torch threads of a build. A fixed count: the result is then the same whatever the core count or OMP_NUM_THREADS (a
+#: matmul split over threads sums in another order). Two: an SFT step of batch 64 took 0.25 s against 0.43 s on one
+#: thread on an idle 2-core machine (measured); the build runs before any actor starts, since on a busy 2-core
+#: machine two threads made a step ~7x slower than one (20 steps: 92 s vs 12 s, measured).
+BUILD_THREADS = 2
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 
 
@@ -164,29 +165,23 @@ def greedy_accuracy(
 ) -> float:
     """Exact-match accuracy of the model's greedy answers to arith prompts (their ``reference`` is the sum).
 
-    One batched HF ``generate`` in this process: on the tiny model, 500 prompts take well under a second, where a
-    vLLM engine would take tens of seconds to start. The model's train / eval mode is restored afterwards.
+    The HF backend's batched generate, in this process: on the tiny model, 500 prompts take well under a second,
+    where a vLLM engine would take tens of seconds to start. The model's train / eval mode is restored afterwards.
     """
+    from transformers import GenerationConfig
+
+    from omni_ray.rollout.hf_backend import generate_batched
+
     if not prompts:
         raise ValueError("greedy_accuracy needs at least one prompt")
-    ids = [encode_prompt(tokenizer, p.text) for p in prompts]
-    width = max(map(len, ids))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-    attn = (input_ids != pad).long()
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_return_sequences=1,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attn,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    ids = [encode_prompt(tokenizer, p.text) for p in prompts]
+    out = generate_batched(model, ids, config, prompts_per_batch=len(ids), seed=0)
     model.train(was_training)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode([streams[0] for streams in out], skip_special_tokens=True)
     return float(np.mean([is_correct(t, int(p.reference)) for t, p in zip(texts, prompts, strict=True)]))
 
 

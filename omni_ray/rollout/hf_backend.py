@@ -64,7 +64,6 @@ class HFBackend(GenerationBackend):
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else min(self.eos_token_ids)
 
-    @torch.inference_mode()
     def _generate_ids(
         self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
     ) -> list[list[list[int]]]:
@@ -81,25 +80,7 @@ class HFBackend(GenerationBackend):
             pad_token_id=self.pad_token_id,
             eos_token_id=sorted(self.eos_token_ids),
         )
-        out: list[list[list[int]]] = []
-        for b, start in enumerate(range(0, len(prompts), self.prompts_per_batch)):
-            batch = prompts[start : start + self.prompts_per_batch]
-            input_ids, attention_mask = self._left_pad(batch)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, b))
-                seqs = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-            new = seqs[:, input_ids.shape[1] :].tolist()  # rows are prompt-major: prompt 0's n samples first
-            out.extend(new[i * n : (i + 1) * n] for i in range(len(batch)))
-        return out
-
-    def _left_pad(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, p in enumerate(batch):
-            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return generate_batched(self.model, prompts, config, prompts_per_batch=self.prompts_per_batch, seed=seed)
 
     def _begin_update(self) -> None:
         self._pending = set(self.update_tensor_names if self.lora else self.model.state_dict())
@@ -121,3 +102,29 @@ class HFBackend(GenerationBackend):
         if self._pending:
             missing = sorted(self._pending)
             raise ValueError(f"weight update lacks {len(missing)} model weights, e.g. {missing[:5]}")
+
+
+@torch.inference_mode()
+def generate_batched(
+    model: Any, prompts: list[list[int]], config: Any, *, prompts_per_batch: int, seed: int
+) -> list[list[list[int]]]:
+    """``model.generate`` over left-padded batches of ``prompts_per_batch`` prompts, each batch under its own seed
+    (``derive_seed(seed, batch_index)``, in a forked RNG); returns each prompt's ``config.num_return_sequences``
+    generated token streams (prompt tokens cut off, padding after EOS left in)."""
+    n = config.num_return_sequences or 1
+    device = next(model.parameters()).device
+    out: list[list[list[int]]] = []
+    for b, start in enumerate(range(0, len(prompts), prompts_per_batch)):
+        batch = prompts[start : start + prompts_per_batch]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, b))
+            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        new = seqs[:, width:].tolist()  # rows are prompt-major: prompt 0's n samples first
+        out.extend(new[i * n : (i + 1) * n] for i in range(len(batch)))
+    return out
