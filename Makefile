@@ -9,6 +9,10 @@ ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
 export DS_ACCELERATOR ?= cpu
 endif
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+# The venv's tools first on PATH, as in an activated venv: DeepSpeed JIT-builds its CPU comm op with the first
+# `ninja` on PATH, and two ninja versions (the venv's 1.13, a system 1.11) hash commands differently in the build
+# log, so each rebuilt the cache the other left (~55 s a build, measured) whenever runs alternated between them.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Loopback-only local clusters: Ray 2.60 turns token auth on when ~/.ray/auth_token exists.
 export RAY_AUTH_MODE ?= disabled
 export WANDB_MODE ?= disabled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only test cluster
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The venv's tools first on PATH (its `ninja` builds DeepSpeed's JIT op; the Makefile says why), inherited by
+# subprocesses and Ray workers.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="session")

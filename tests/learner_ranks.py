@@ -108,8 +108,8 @@ def _rank(rank: int, world: int, cases: list[dict], model_dir: str, out: str, ad
         state = worker.export_state_dict()
         adapter = dict(worker.full_tensors(adapter_only=True)) if worker.lora else None
         checksums: list = [None] * world  # every rank's own weights: replicated ranks must agree
-        torch.distributed.all_gather_object(checksums, worker.parameter_checksum())
         if case.get("resume"):
+            torch.distributed.all_gather_object(checksums, worker.parameter_checksum())
             resumed = _resume(cfg, model_dir, rank, world, address, os.path.join(out, case["name"] + "-state"),
                               rounds[-1])  # fmt: skip
         if case.get("save"):

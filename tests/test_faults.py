@@ -20,7 +20,7 @@ def _cfg(tmp_path, model_dir: str, name: str, *extra: str):
             f"model.path={model_dir}",
             "rollout.num_workers=2",
             "rollout.num_cpus=0.25",
-            "data.prompts_per_round=96",
+            "data.prompts_per_round=32",
             "data.eval_prompts=32",
             "rollout.samples_per_prompt=8",
             "learner.batch_size=16",
@@ -32,8 +32,10 @@ def _cfg(tmp_path, model_dir: str, name: str, *extra: str):
     )
 
 
-# The HF rollout backend is enough where the fault is not in the engine itself.
-HF_ONE_WORKER = ("rollout.backend=hf", "rollout.num_workers=1", "data.prompts_per_round=32")
+# The HF rollout backend is enough where the fault is not in the engine itself, and one learner rank where it is not in
+# the learner.
+HF_ONE_WORKER = ("rollout.backend=hf", "rollout.num_workers=1")
+ONE_RANK = "learner.num_workers=1"
 
 
 @pytest.fixture
@@ -59,7 +61,7 @@ def shared(ray_local, tmp_path_factory, tiny_model_dir):
     """One driver for the faults that leave it usable (stateless actors restarted, timeouts on a copy of a policy)."""
     from omni_ray.driver import Driver
 
-    driver = Driver(_cfg(tmp_path_factory.mktemp("faults"), tiny_model_dir, "shared", *HF_ONE_WORKER))
+    driver = Driver(_cfg(tmp_path_factory.mktemp("faults"), tiny_model_dir, "shared", *HF_ONE_WORKER, ONE_RANK))
     driver.start_roles()
     yield driver
     driver.close()
@@ -130,7 +132,7 @@ def _samples(driver, round_number: int) -> list[dict]:
 def test_rollout_worker_killed_mid_generation_is_restarted_and_every_prompt_answered(ray_local, start_driver):
     # Two HF workers: the retry path is the driver's, whatever the engine; a killed vLLM engine's restart on its model
     # dir is test_weight_sync.py's nccl test.
-    driver = start_driver("kill_rollout", "rollout.backend=hf")
+    driver = start_driver("kill_rollout", "rollout.backend=hf", ONE_RANK)
     driver.run_round(0)  # policy version 1 now lives only in the learner and the workers
     real = driver.roles.rollout[0]
     driver.roles.rollout[0] = proxy = _KillOnCall(real)
@@ -139,7 +141,7 @@ def test_rollout_worker_killed_mid_generation_is_restarted_and_every_prompt_answ
     finally:
         driver.roles.rollout[0] = real
     assert proxy.killed and row["faults_rollout"] >= 1
-    assert row["samples"] == 96 * 8
+    assert row["samples"] == 32 * 8
     expected = [p.prompt_id for p in driver.prompts.train(1)[0] for _ in range(8)]
     assert [s["prompt_id"] for s in _samples(driver, 2)] == expected
     # Every answer came from the policy the round expected (a restarted engine would hold version 0).
@@ -152,7 +154,7 @@ def test_rollout_worker_killed_during_the_async_prefetch_is_restored_and_the_rou
     """pipeline.mode=async: round 2's generate calls go out during round 1; the worker dies under them. The round
     still completes, sampled again by the current policy once the worker holds it, and every sample records the
     version it was drawn from."""
-    driver = start_driver("kill_prefetch", *HF_ONE_WORKER, "pipeline.mode=async", "run.rounds=2")
+    driver = start_driver("kill_prefetch", *HF_ONE_WORKER, ONE_RANK, "pipeline.mode=async", "run.rounds=2")
     real = driver.roles.rollout[0]
     driver.roles.rollout[0] = proxy = _KillOnCall(real, nth=2)  # 1: round 1's own samples, 2: the prefetch
     try:
@@ -228,7 +230,7 @@ def test_a_learner_call_past_its_timeout_raises_naming_the_call(shared):
 
 @pytest.mark.integration
 def test_actor_failing_more_than_max_retries_stops_the_round_with_the_role_named(ray_local, start_driver):
-    driver = start_driver("kill_twice", *HF_ONE_WORKER, "scoring.max_retries=0", "rollout.max_retries=0")
+    driver = start_driver("kill_twice", *HF_ONE_WORKER, ONE_RANK, "scoring.max_retries=0", "rollout.max_retries=0")
     scorer, worker = driver.roles.scorer, driver.roles.rollout[0]
     driver.roles.scorer, driver.roles.rollout[0] = _DieBeforeCall(scorer, "score"), _KillOnCall(worker)
     try:

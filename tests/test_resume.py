@@ -2,8 +2,10 @@
 prompts, in the same order, and to exactly the pairs of an uninterrupted run of the same seed; a truncated checkpoint
 is detected and the previous one used, with a message saying so.
 
-Each run is a real `omni-ray train` process with its own local Ray cluster (started by the driver), so SIGKILL to its
-process group takes the driver and the cluster down together, as a preempted node would.
+The killed run is a real `omni-ray train` process with its own local Ray cluster (started by the driver), so SIGKILL
+to its process group takes the driver and the cluster down together, as a preempted node would. The other runs
+(uninterrupted, resumed) train in-process on the tests' cluster: the same `train` the command line calls, without a
+process and a cluster to start each time.
 """
 
 from __future__ import annotations
@@ -34,15 +36,9 @@ def _command(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    """The test process' environment, less the W&B service an earlier test of this process started: each run is
-    its own process and starts its own."""
+    """The test process' environment, less the W&B service that the in-process runs started: the killed run is its
+    own process and starts its own."""
     return {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, start_new_session=True, env=_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def _pairs(run: Path, r: int) -> list[dict]:
@@ -56,15 +52,28 @@ def _round_records(run: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "round"]
 
 
+def _config(out: Path, model_dir: str, name: str, *extra: str):
+    from omni_ray.config import load_config
+
+    return load_config("configs/local_tiny.yaml", _command(out, model_dir, name, *extra)[5:])
+
+
+def _train(out: Path, model_dir: str, name: str, *extra: str) -> None:
+    from omni_ray.driver import train
+
+    train(_config(out, model_dir, name, *extra))
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
+def uninterrupted(ray_local, tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    _run(_command(out, tiny_model_dir, "straight"))
+    _train(out, tiny_model_dir, "straight")
     return out / "straight"
 
 
 @pytest.mark.integration
-def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterrupted, tmp_path, tiny_model_dir):
+def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterrupted, tmp_path, tiny_model_dir,
+                                                                       capsys):  # fmt: skip
     run = tmp_path / "killed"
     proc = subprocess.Popen(
         _command(tmp_path, tiny_model_dir, "killed"),
@@ -83,7 +92,9 @@ def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterru
         proc.wait()
     assert not (run / "checkpoints" / "round_0002").exists(), "the kill came too late to test a mid-round resume"
 
-    out = _run(_command(tmp_path, tiny_model_dir, "killed", "run.resume=auto")).stdout
+    capsys.readouterr()
+    _train(tmp_path, tiny_model_dir, "killed", "run.resume=auto")
+    out = capsys.readouterr().out
     assert "resumed from" in out and "round_0001" in out
 
     for r in range(1, ROUNDS + 1):
@@ -93,14 +104,14 @@ def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterru
     assert [r["round"] for r in resumed] == list(range(1, ROUNDS + 1))
     assert [r["eval_accuracy"] for r in resumed] == [r["eval_accuracy"] for r in straight]
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == ROUNDS
-    # The W&B run continues under the id driver_state.json saved: both processes' offline runs carry it.
+    # The W&B run continues under the id driver_state.json saved: both runs' offline records carry it.
     saved = json.loads((run / "checkpoints" / "round_0001" / "driver_state.json").read_text())["wandb_run_id"]
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert saved and len(runs) == 2 and all(r.name.endswith(f"-{saved}") for r in runs)
 
 
 @pytest.mark.integration
-def test_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp_path, tiny_model_dir):
+def test_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp_path, tiny_model_dir, capsys):
     import shutil
 
     run = tmp_path / "straight"
@@ -108,17 +119,13 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp
     newest = run / "checkpoints" / f"round_{ROUNDS:04d}" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])
 
-    out = _run(_command(tmp_path, tiny_model_dir, "straight", "run.resume=auto")).stdout
+    capsys.readouterr()
+    _train(tmp_path, tiny_model_dir, "straight", "run.resume=auto")
+    out = capsys.readouterr().out
     assert f"round_{ROUNDS:04d} is unusable" in out and f"resuming from round_{ROUNDS - 1:04d}" in out
-    # Round 3 was trained again from round 2's state: the same pairs as the first time.
+    # The last round was trained again from the previous round's state: the same pairs as the first time.
     assert _pairs(run, ROUNDS) == _pairs(uninterrupted, ROUNDS)
     assert [r["round"] for r in _round_records(run)] == list(range(1, ROUNDS + 1))
-
-
-def _config(out: Path, model_dir: str, name: str, *extra: str):
-    from omni_ray.config import load_config
-
-    return load_config("configs/local_tiny.yaml", _command(out, model_dir, name, *extra)[5:])
 
 
 @pytest.mark.integration

@@ -35,10 +35,11 @@ from omni_ray.tracking import write_json
 log = logging.getLogger(__name__)
 
 ALPHABET = list("0123456789+-*=") + [" "]
-#: torch threads of a build. A fixed count: the result is then the same whatever the core count or OMP_NUM_THREADS (a
-#: matmul split over threads sums in another order). Two: an SFT step of batch 64 took 0.25 s against 0.43 s on one
-#: thread on an idle 2-core machine (measured); the build runs before any actor starts, since on a busy 2-core
-#: machine two threads made a step ~7x slower than one (20 steps: 92 s vs 12 s, measured).
+#: torch threads of a build. A fixed count, so that the result is the same whatever the core count or OMP_NUM_THREADS
+#: (a matmul split over threads sums in another order). Two, because an SFT step of batch 64 took 0.25 s on two
+#: threads against 0.43 s on one, on an idle 2-core machine (measured). Two threads are faster only while nothing
+#: else runs: on a busy 2-core machine they made a step ~7x slower than one (20 steps: 92 s against 12 s, measured),
+#: which is why a build is a set-up step that runs before any actor starts.
 BUILD_THREADS = 2
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 
