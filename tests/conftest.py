@@ -18,9 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The venv's tools first on PATH (its `ninja` builds DeepSpeed's JIT op; the Makefile says why), inherited by
 # subprocesses and Ray workers.
-_BIN = os.path.dirname(sys.executable)
-if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
-    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
+_BIN, _PATH = os.path.dirname(sys.executable), os.environ.get("PATH", "")
+if _PATH.split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, _PATH])
 
 
 @pytest.fixture(scope="session")

@@ -100,18 +100,18 @@ def _rank(rank: int, world: int, cases: list[dict], model_dir: str, out: str, ad
         rounds = [round_data(model_dir, case.get("pairs", 8), round_index=r) for r in range(case.get("rounds", 1))]
         del loaders[mark:]  # the test's own tokenizer loads: only the learner's are checked
         reference = worker.reference_logprobs(rounds[0].pairs)
-        results, resumed = [], None
+        saved_state = os.path.join(out, case["name"] + "-state") if case.get("resume") else None
+        results, resumed, checksums = [], None, None
         for r, data in enumerate(rounds):
-            if case.get("resume") and r == len(rounds) - 1:  # the learner state saved before the last round
-                worker.save_state(os.path.join(out, case["name"] + "-state"))
+            if saved_state and r == len(rounds) - 1:  # the learner state saved before the last round
+                worker.save_state(saved_state)
             results.append(worker.train_round(data))
         state = worker.export_state_dict()
         adapter = dict(worker.full_tensors(adapter_only=True)) if worker.lora else None
-        checksums: list = [None] * world  # every rank's own weights: replicated ranks must agree
-        if case.get("resume"):
+        if saved_state:
+            checksums = [None] * world  # every rank's own weights: replicated ranks must agree
             torch.distributed.all_gather_object(checksums, worker.parameter_checksum())
-            resumed = _resume(cfg, model_dir, rank, world, address, os.path.join(out, case["name"] + "-state"),
-                              rounds[-1])  # fmt: skip
+            resumed = _resume(cfg, model_dir, rank, world, address, saved_state, rounds[-1])
         if case.get("save"):
             worker.save_pretrained(os.path.join(out, case["name"] + "-checkpoint"))
         if rank == 0:

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 VERIFIER = "examples.own_task.my_verifier"
-#: The example's problems: two-digit operands, as the tiny model's warm start knows them.
-MAX_OPERAND = 99
 
 
 def python_scorer(function: str, *extra: str) -> str:

@@ -107,12 +107,12 @@ def test_ray_job_submit_runs_the_own_task_job_with_its_verifier_from_the_working
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from examples.own_task.make_problems import write_problems
-    from tests.own_task_helpers import MAX_OPERAND, own_task_overrides, python_scorer
+    from tests.own_task_helpers import own_task_overrides, python_scorer
 
     address, env = ray_head
     work = tmp_path / "work"  # the uploaded copy, as a user's checkout would be
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "runs", "models", ".git", "__pycache__"))
-    write_problems(work / "examples" / "own_task" / "problems.jsonl", rows=60, seed=0, max_operand=MAX_OPERAND)
+    write_problems(work / "examples" / "own_task" / "problems.jsonl", rows=60, seed=0)
     out = tmp_path / "runs"
     submission = "omni-ray-own-task-job"
     overrides = own_task_overrides(

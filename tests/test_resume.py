@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 ROUNDS = 2
+CONFIG = "configs/local_tiny.yaml"
 
 
-def _command(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
+def _overrides(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "omni_ray.cli", "train", "configs/local_tiny.yaml",
         f"run.output_dir={out}", f"run.name={name}", f"run.rounds={ROUNDS}", f"model.path={model_dir}",
         "data.prompts_per_round=64", "data.eval_prompts=32", "rollout.samples_per_prompt=4",
         "learner.batch_size=16", "learner.epochs=1", "ray.num_cpus=2", "logging.wandb.mode=offline",
@@ -55,19 +55,24 @@ def _round_records(run: Path) -> list[dict]:
 def _config(out: Path, model_dir: str, name: str, *extra: str):
     from omni_ray.config import load_config
 
-    return load_config("configs/local_tiny.yaml", _command(out, model_dir, name, *extra)[5:])
+    return load_config(CONFIG, _overrides(out, model_dir, name, *extra))
 
 
-def _train(out: Path, model_dir: str, name: str, *extra: str) -> None:
+def _train(capsys, out: Path, model_dir: str, name: str, *extra: str) -> str:
+    """`omni-ray train` in this process, on the tests' cluster; returns what it printed."""
     from omni_ray.driver import train
 
+    capsys.readouterr()
     train(_config(out, model_dir, name, *extra))
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tmp_path_factory, tiny_model_dir) -> Path:
+    from omni_ray.driver import train
+
     out = tmp_path_factory.mktemp("runs")
-    _train(out, tiny_model_dir, "straight")
+    train(_config(out, tiny_model_dir, "straight"))
     return out / "straight"
 
 
@@ -76,7 +81,7 @@ def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterru
                                                                        capsys):  # fmt: skip
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        _command(tmp_path, tiny_model_dir, "killed"),
+        [sys.executable, "-m", "omni_ray.cli", "train", CONFIG, *_overrides(tmp_path, tiny_model_dir, "killed")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=_env(),
     )  # fmt: skip
     try:
@@ -92,9 +97,7 @@ def test_run_killed_in_round_two_resumes_to_the_same_prompts_and_pairs(uninterru
         proc.wait()
     assert not (run / "checkpoints" / "round_0002").exists(), "the kill came too late to test a mid-round resume"
 
-    capsys.readouterr()
-    _train(tmp_path, tiny_model_dir, "killed", "run.resume=auto")
-    out = capsys.readouterr().out
+    out = _train(capsys, tmp_path, tiny_model_dir, "killed", "run.resume=auto")
     assert "resumed from" in out and "round_0001" in out
 
     for r in range(1, ROUNDS + 1):
@@ -119,9 +122,7 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp
     newest = run / "checkpoints" / f"round_{ROUNDS:04d}" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])
 
-    capsys.readouterr()
-    _train(tmp_path, tiny_model_dir, "straight", "run.resume=auto")
-    out = capsys.readouterr().out
+    out = _train(capsys, tmp_path, tiny_model_dir, "straight", "run.resume=auto")
     assert f"round_{ROUNDS:04d} is unusable" in out and f"resuming from round_{ROUNDS - 1:04d}" in out
     # The last round was trained again from the previous round's state: the same pairs as the first time.
     assert _pairs(run, ROUNDS) == _pairs(uninterrupted, ROUNDS)
