@@ -42,6 +42,9 @@ def other_tiny_model_dir(tmp_path_factory) -> str:
 
 
 ACTOR_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE")
+# One learner rank where a test is not about the learner: a rank's start-up (its library imports) is most of a small
+# run's time. Tests about ranks keep two.
+ONE_RANK = "learner.num_workers=1"
 
 
 def require_vllm() -> None:

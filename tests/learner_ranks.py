@@ -122,8 +122,11 @@ def _rank(rank: int, world: int, cases: list[dict], model_dir: str, out: str, ad
 
 def main(cases_file: str, model_dir: str, out: str) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # noqa: F401  imported once, inherited by every forked rank
-    import transformers  # noqa: F401
+    # Imported once here and inherited by every forked rank, which would otherwise spend most of its time importing.
+    # transformers' Auto classes are lazy modules, loaded on first use; DeepSpeed's ZeRO optimizer check imports its
+    # Muon optimizer (module-level torch.compile) at the first `deepspeed.initialize`.
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     import omni_ray.learner.worker  # noqa: F401
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import ONE_RANK
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -68,6 +70,8 @@ def test_runtime_env_excludes_local_heavy_dirs_and_holds_no_secrets():
 def ray_head():
     """A real Ray head on free loopback ports, stopped by killing its own process group (never `ray stop`,
     which would stop every Ray cluster on the machine)."""
+    from ray.job_submission import JobSubmissionClient
+
     gcs, dash, client, agent, metrics, rt_agent, node_mgr, obj_mgr = _free_ports(8)
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix sockets live below it (108-char limit)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
@@ -82,11 +86,11 @@ def ray_head():
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 300  # a loaded 2-core machine can take minutes
     while time.monotonic() < deadline:
-        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True)  # fmt: skip
-        if probe.returncode == 0:
+        try:  # in this process: a `ray job list` per probe would import Ray again while the head starts
+            JobSubmissionClient(address).list_jobs()
             break
-        time.sleep(2)
+        except (OSError, RuntimeError):
+            time.sleep(1)
     else:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the local Ray head did not come up within 300 s")
@@ -119,6 +123,7 @@ def test_ray_job_submit_runs_the_own_task_job_with_its_verifier_from_the_working
         Path("examples/own_task/problems.jsonl"), out, "job", tiny_model_dir, python_scorer("exact"),
         "run.rounds=1", "rollout.backend=hf", "data.eval_prompts=16", "data.prompts_per_round=16",
         "rollout.samples_per_prompt=4", "learner.batch_size=8", "learner.epochs=1", "run.save_checkpoints=false",
+        ONE_RANK,
     )  # fmt: skip
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission,
            "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from omni_ray.config import load_config
+from tests.conftest import ONE_RANK
 
 
 def _cfg(tmp_path, model_dir: str, name: str, *extra: str):
@@ -35,7 +36,6 @@ def _cfg(tmp_path, model_dir: str, name: str, *extra: str):
 # The HF rollout backend is enough where the fault is not in the engine itself, and one learner rank where it is not in
 # the learner.
 HF_ONE_WORKER = ("rollout.backend=hf", "rollout.num_workers=1")
-ONE_RANK = "learner.num_workers=1"
 
 
 @pytest.fixture
@@ -229,17 +229,39 @@ def test_a_learner_call_past_its_timeout_raises_naming_the_call(shared):
 
 
 @pytest.mark.integration
-def test_actor_failing_more_than_max_retries_stops_the_round_with_the_role_named(ray_local, start_driver):
-    driver = start_driver("kill_twice", *HF_ONE_WORKER, ONE_RANK, "scoring.max_retries=0", "rollout.max_retries=0")
-    scorer, worker = driver.roles.scorer, driver.roles.rollout[0]
-    driver.roles.scorer, driver.roles.rollout[0] = _DieBeforeCall(scorer, "score"), _KillOnCall(worker)
+def test_actor_failing_more_than_max_retries_stops_the_round_with_the_role_named(ray_local, shared):
+    """With no retry left (`max_retries=0`), a call whose actor died raises naming the role; Ray still restarts the
+    actors (their `max_restarts` is the shared driver's), so the driver stays usable."""
+    from dataclasses import replace
+
+    shared.faults.take()
+    saved = dict(shared.policies)
+    scorer, worker = shared.roles.scorer, shared.roles.rollout[0]
+    for role in ("scorer", "rollout"):
+        shared.policies[role] = replace(saved[role], max_retries=0)
+    shared.roles.scorer, shared.roles.rollout[0] = _DieBeforeCall(scorer, "score"), _KillOnCall(worker)
     try:
         with pytest.raises(RuntimeError, match="scorer call 0 failed 1 times"):
-            driver._score(driver.prompts.encode([_prompt("2+3=")])[0], ["5"])
+            shared._score(shared.prompts.encode([_prompt("2+3=")])[0], ["5"])
         with pytest.raises(RuntimeError, match="rollout call 0 failed 1 times"):
-            driver._generate(driver.eval_set[:4], n=1, temperature=0.0, seed=0, version=0)
+            shared._generate(shared.eval_set[:4], n=1, temperature=0.0, seed=0, version=0)
     finally:
-        driver.roles.scorer, driver.roles.rollout[0] = scorer, worker
+        shared.roles.scorer, shared.roles.rollout[0] = scorer, worker
+        shared.policies.update(saved)
+    assert shared.faults.take() == {"scorer": 1, "rollout": 1}
+
+
+def test_each_roles_retry_policy_comes_from_its_own_config_keys(tmp_path, tiny_model_dir):
+    from omni_ray.driver import Driver
+    from omni_ray.driver.calls import RetryPolicy
+
+    retries = ("rollout.timeout_s=7", "rollout.max_retries=0", "scoring.timeout_s=8", "scoring.max_retries=1",
+               "pop.timeout_s=9", "pop.max_retries=4")  # fmt: skip
+    driver = Driver(_cfg(tmp_path, tiny_model_dir, "policies", *retries))
+    try:
+        assert driver.policies == {"rollout": RetryPolicy(7, 0), "scorer": RetryPolicy(8, 1), "pop": RetryPolicy(9, 4)}
+    finally:
+        driver.close()
 
 
 def test_a_worker_holding_another_policy_version_refuses_to_generate(tiny_model_dir):

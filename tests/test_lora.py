@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omni_ray.config import ConfigError, load_config
-from tests.conftest import require_vllm
+from tests.conftest import ONE_RANK, require_vllm
 
 
 def test_bad_lora_config_is_refused_naming_the_key(tiny_model_dir):
@@ -103,7 +103,7 @@ def test_two_lora_rounds_leave_the_engine_generating_what_the_checkpoints_adapte
         f"run.output_dir={tmp_path}", "run.name=lora", "run.rounds=2", f"model.path={tiny_model_dir}",
         "rollout.backend=vllm", "data.prompts_per_round=48", "data.eval_prompts=32", "rollout.samples_per_prompt=4",
         "learner.batch_size=16", "learner.epochs=1", "learner.lr=1e-3", "learner.lora.rank=8",
-        "logging.console=false",
+        "logging.console=false", ONE_RANK,
     ])  # fmt: skip
     driver = Driver(cfg)
     try:

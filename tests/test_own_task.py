@@ -88,16 +88,15 @@ def test_binary_verifier_trains_every_round_on_uncompared_pairs_and_accuracy_ris
 
 @pytest.mark.integration
 def test_correct_at_alone_gives_eval_accuracy(own_run, tmp_path, own_model):
-    from omni_ray.driver import train
+    """A scorer that only scores (0/1) with `correct_at: 1` on its spec: the held-out evaluation (`held_out_eval`, the
+    driver's evaluation run in-process) reports an accuracy, and it is the own-task run's, whose verifier returns
+    correct flags itself: the same model, eval prompts and greedy answers."""
+    from omni_ray.evaluate import held_out_eval
 
     problems = write_problems(tmp_path / "problems.jsonl", rows=PROBLEMS, seed=0, max_operand=OPERANDS)
     cfg = load_config("configs/local_tiny.yaml", own_task_overrides(
-        problems, tmp_path, "scores_only", own_model, python_scorer("exact_score", "correct_at: 1"), "run.rounds=1",
-        "data.prompts_per_round=16", "rollout.samples_per_prompt=4", "learner.batch_size=8", "learner.epochs=1",
-        "run.save_checkpoints=false",
+        problems, tmp_path, "scores_only", own_model, python_scorer("exact_score", "correct_at: 1"),
     ))  # fmt: skip
-    summary = train(cfg)
-    # The same model, eval prompts and greedy answers as the own-task run: score >= 1 flags what `exact` flags.
-    assert summary["initial_eval"]["accuracy"] == own_run[0]["initial_eval"]["accuracy"]
-    assert summary["final_eval"]["accuracy"] is not None
-    assert "accuracy_reason" not in summary["final_eval"]
+    result = held_out_eval(own_model, cfg)
+    assert result["accuracy"] == own_run[0]["initial_eval"]["accuracy"]
+    assert "accuracy_reason" not in result

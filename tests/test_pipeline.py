@@ -1,4 +1,5 @@
-"""The whole round loop on a local Ray cluster: every role a Ray actor, 2 DeepSpeed ranks, both rollout backends."""
+"""The whole round loop on a local Ray cluster: every role a Ray actor, both rollout backends; 2 DeepSpeed ranks for the
+run layout, one rank where a test is about the data (a rank's start-up is most of such a test's time)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from omni_ray.config import load_config
-from tests.conftest import require_vllm
+from tests.conftest import ONE_RANK, require_vllm
 
 
 def _small_run(tmp_path, model_dir: str, backend: str, *extra: str):
@@ -101,7 +102,7 @@ def test_nan_scores_are_dropped_and_a_round_without_pairs_is_skipped_not_fatal(r
     from omni_ray.config import ScorerSpec, validate
     from omni_ray.driver import train
 
-    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=it_nan")
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=it_nan", ONE_RANK)
     cfg.scoring.scorers = [ScorerSpec(type="python", target="tests.scorers_for_tests:nan_or_constant")]
     validate(cfg)
     summary = train(cfg)
@@ -147,8 +148,8 @@ def test_offline_preference_file_trains_through_the_same_learner_group(ray_local
     rows.append({"prompt": "1+1=", "chosen": "", "rejected": "3", "score_chosen": 9.0, "score_rejected": 1.0})
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=offline", "data.source=preferences",
-                     f"data.path={data}", "loss.name=omni_dpo")  # fmt: skip
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=offline", ONE_RANK,
+                     "data.source=preferences", f"data.path={data}", "loss.name=omni_dpo")  # fmt: skip
     summary = train(cfg)
     assert summary["rounds_completed"] == 1
     (round_line,) = [r for r in _read_jsonl(tmp_path / "offline" / "metrics.jsonl") if r["kind"] == "round"]
@@ -172,10 +173,10 @@ def test_prompt_dataset_source_feeds_reference_answers_to_the_math_verifier(ray_
     rows.append({"question": long_prompt, "answer": "#### 0"})  # longer than max_prompt_tokens
     data = tmp_path / "math.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=2", "run.name=prompts", "data.source=prompts",
-                     f"data.path={data}", "data.prompt_column=question", "data.answer_column=answer",
-                     "data.eval_prompts=40", "data.prompts_per_round=140", "data.max_prompt_tokens=20",
-                     "data.on_overlong=skip", "run.dump_rollouts=true")  # fmt: skip
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=2", "run.name=prompts", ONE_RANK,
+                     "data.source=prompts", f"data.path={data}", "data.prompt_column=question",
+                     "data.answer_column=answer", "data.eval_prompts=40", "data.prompts_per_round=140",
+                     "data.max_prompt_tokens=20", "data.on_overlong=skip", "run.dump_rollouts=true")  # fmt: skip
     cfg.scoring.scorers = [ScorerSpec(type="math_verifier")]
     validate(cfg)
     summary = train(cfg)
@@ -210,7 +211,8 @@ def test_async_pipeline_samples_each_round_one_policy_version_behind(ray_local, 
     comes from the policy before the previous round's update (policy_lag 1), and the run still completes."""
     from omni_ray.driver import train
 
-    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=3", "run.name=async", "pipeline.mode=async")
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=3", "run.name=async", "pipeline.mode=async",
+                     ONE_RANK)  # fmt: skip
     summary = train(cfg)
     assert summary["rounds_completed"] == 3
     rounds = [r for r in _read_jsonl(tmp_path / "async" / "metrics.jsonl") if r["kind"] == "round"]

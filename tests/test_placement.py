@@ -21,6 +21,7 @@ from omni_ray.placement import (
     remove_placement_groups,
     rollout_backend_options,
 )
+from tests.conftest import ONE_RANK
 
 GPU_SPLIT = [
     "rollout.num_workers=2", "rollout.num_gpus=1", "rollout.tensor_parallel_size=2", "rollout.num_cpus=2",
@@ -202,7 +203,7 @@ def test_a_colocated_round_sleeps_the_engines_before_training_and_wakes_weights_
     cfg = load_config("configs/local_tiny.yaml", [
         f"run.output_dir={tmp_path}", "run.name=coloc", "run.rounds=1", f"model.path={tiny_model_dir}",
         "rollout.backend=hf", "data.prompts_per_round=16", "data.eval_prompts=16", "rollout.samples_per_prompt=4",
-        "learner.batch_size=16", "learner.epochs=1", "run.save_checkpoints=false", "logging.console=false",
+        "learner.batch_size=16", "learner.epochs=1", "run.save_checkpoints=false", "logging.console=false", ONE_RANK,
     ])  # fmt: skip
     driver = Driver(cfg)
     try:

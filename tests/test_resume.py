@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ONE_RANK
+
 ROUNDS = 2
 CONFIG = "configs/local_tiny.yaml"
 
@@ -29,9 +31,10 @@ def _overrides(out: Path, model_dir: str, name: str, *extra: str) -> list[str]:
         f"run.output_dir={out}", f"run.name={name}", f"run.rounds={ROUNDS}", f"model.path={model_dir}",
         "data.prompts_per_round=64", "data.eval_prompts=32", "rollout.samples_per_prompt=4",
         "learner.batch_size=16", "learner.epochs=1", "ray.num_cpus=2", "logging.wandb.mode=offline",
-        # HF generate: what resume must restore is the driver's state and the seeds, whatever the engine; each
-        # backend's seeded sampling is tested on its own (test_rollout.py).
-        "rollout.backend=hf", *extra,
+        # HF generate and one learner rank: what resume must restore here is the driver's state and the seeds, whatever
+        # the engine and the rank count; each backend's seeded sampling is tested on its own (test_rollout.py), and a
+        # learner state saved on 2 ranks resumes to identical training in test_learner.py.
+        "rollout.backend=hf", ONE_RANK, *extra,
     ]  # fmt: skip
 
 

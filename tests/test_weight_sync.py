@@ -42,7 +42,7 @@ from omni_ray.weight_sync.broadcast import (
     plan_buckets,
     unpack_bucket,
 )
-from tests.conftest import require_vllm
+from tests.conftest import ONE_RANK, require_vllm
 from tests.test_rollout import MAX_NEW, PROMPTS, reference_greedy, state_dict_of
 
 #: Small enough that the tiny model (39 tensors, 9.5 MB) travels in dozens of buckets, large enough that its norm
@@ -533,7 +533,7 @@ def test_driver_round_with_the_nccl_strategy_over_gloo_leaves_the_engine_on_the_
         f"run.output_dir={tmp_path}", "run.name=nccl_gloo", "run.rounds=1", f"model.path={tiny_model_dir}",
         "rollout.backend=vllm", "data.prompts_per_round=48", "data.eval_prompts=32", "rollout.samples_per_prompt=4",
         "learner.batch_size=16", "learner.epochs=1", "learner.lr=1e-3", "sync.strategy=nccl",
-        "sync.collective_backend=gloo", "sync.bucket_mb=0.5", "logging.console=false",
+        "sync.collective_backend=gloo", "sync.bucket_mb=0.5", "logging.console=false", ONE_RANK,
         # small requests: the module's engines and learner ranks stay up alongside these roles
         "learner.num_cpus=0.1", "rollout.num_cpus=0.1", "scoring.num_cpus=0.05", "pop.num_cpus=0.05",
     ])  # fmt: skip
