@@ -89,14 +89,19 @@ def test_binary_verifier_trains_every_round_on_uncompared_pairs_and_accuracy_ris
 @pytest.mark.integration
 def test_correct_at_alone_gives_eval_accuracy(own_run, tmp_path, own_model):
     """A scorer that only scores (0/1) with `correct_at: 1` on its spec: the held-out evaluation (`held_out_eval`, the
-    driver's evaluation run in-process) reports an accuracy, and it is the own-task run's, whose verifier returns
-    correct flags itself: the same model, eval prompts and greedy answers."""
+    driver's evaluation run in-process) reports an accuracy, the same as with the verifier that returns correct flags
+    itself (the same model, prompts and greedy answers), and the own-task run's initial one."""
     from omni_ray.evaluate import held_out_eval
 
     problems = write_problems(tmp_path / "problems.jsonl", rows=PROBLEMS, seed=0, max_operand=OPERANDS)
-    cfg = load_config("configs/local_tiny.yaml", own_task_overrides(
-        problems, tmp_path, "scores_only", own_model, python_scorer("exact_score", "correct_at: 1"),
-    ))  # fmt: skip
-    result = held_out_eval(own_model, cfg)
-    assert result["accuracy"] == own_run[0]["initial_eval"]["accuracy"]
-    assert "accuracy_reason" not in result
+
+    def accuracy(scorer: str) -> dict:
+        cfg = load_config("configs/local_tiny.yaml", own_task_overrides(problems, tmp_path, "eval", own_model, scorer))
+        return held_out_eval(own_model, cfg)
+
+    scores_only = accuracy(python_scorer("exact_score", "correct_at: 1"))
+    assert "accuracy_reason" not in scores_only
+    assert scores_only["accuracy"] == accuracy(python_scorer("exact"))["accuracy"]
+    # The run's actors generate on one thread (Ray's OMP_NUM_THREADS for a fractional CPU), this process on every
+    # core: on another CPU a greedy near-tie may break the other way (here they agree exactly).
+    assert scores_only["accuracy"] == pytest.approx(own_run[0]["initial_eval"]["accuracy"], abs=0.02)
