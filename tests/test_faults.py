@@ -33,8 +33,8 @@ def _cfg(tmp_path, model_dir: str, name: str, *extra: str):
     )
 
 
-# The HF rollout backend is enough where the fault is not in the engine itself, and one learner rank where it is not in
-# the learner.
+# The HF rollout backend is enough where the fault is not in the engine itself, and one learner rank (ONE_RANK) where it
+# is not in the learner.
 HF_ONE_WORKER = ("rollout.backend=hf", "rollout.num_workers=1")
 
 
@@ -200,20 +200,16 @@ def test_pop_estimator_killed_between_calls_is_restarted_and_the_round_gets_its_
 
 @pytest.mark.integration
 @pytest.mark.parametrize("role", ["rollout", "scorer"])
-def test_a_stage_past_its_timeout_raises_naming_the_stage(shared, role):
+def test_a_stage_past_its_timeout_raises_naming_the_stage(shared, role, monkeypatch):
     from omni_ray.driver.calls import RetryPolicy
 
     prompts = shared.prompts.encode([_prompt("2+3=")] * 64)[0]
-    saved = shared.policies[role]
-    shared.policies[role] = RetryPolicy(timeout_s=0.001, max_retries=0)
-    try:
-        with pytest.raises(TimeoutError, match=rf"^{role}: calls \[0\] did not finish within 0 s"):
-            if role == "rollout":
-                shared._generate(prompts, n=8, temperature=1.0, seed=0, version=shared.policy_version)
-            else:
-                shared._score(prompts, ["5"] * 64)
-    finally:
-        shared.policies[role] = saved
+    monkeypatch.setitem(shared.policies, role, RetryPolicy(timeout_s=0.001, max_retries=0))
+    with pytest.raises(TimeoutError, match=rf"^{role}: calls \[0\] did not finish within 0 s"):
+        if role == "rollout":
+            shared._generate(prompts, n=8, temperature=1.0, seed=0, version=shared.policy_version)
+        else:
+            shared._score(prompts, ["5"] * 64)
 
 
 @pytest.mark.integration
@@ -229,25 +225,20 @@ def test_a_learner_call_past_its_timeout_raises_naming_the_call(shared):
 
 
 @pytest.mark.integration
-def test_actor_failing_more_than_max_retries_stops_the_round_with_the_role_named(ray_local, shared):
+def test_actor_failing_more_than_max_retries_stops_the_round_with_the_role_named(ray_local, shared, monkeypatch):
     """With no retry left (`max_retries=0`), a call whose actor died raises naming the role; Ray still restarts the
     actors (their `max_restarts` is the shared driver's), so the driver stays usable."""
     from dataclasses import replace
 
     shared.faults.take()
-    saved = dict(shared.policies)
-    scorer, worker = shared.roles.scorer, shared.roles.rollout[0]
     for role in ("scorer", "rollout"):
-        shared.policies[role] = replace(saved[role], max_retries=0)
-    shared.roles.scorer, shared.roles.rollout[0] = _DieBeforeCall(scorer, "score"), _KillOnCall(worker)
-    try:
-        with pytest.raises(RuntimeError, match="scorer call 0 failed 1 times"):
-            shared._score(shared.prompts.encode([_prompt("2+3=")])[0], ["5"])
-        with pytest.raises(RuntimeError, match="rollout call 0 failed 1 times"):
-            shared._generate(shared.eval_set[:4], n=1, temperature=0.0, seed=0, version=0)
-    finally:
-        shared.roles.scorer, shared.roles.rollout[0] = scorer, worker
-        shared.policies.update(saved)
+        monkeypatch.setitem(shared.policies, role, replace(shared.policies[role], max_retries=0))
+    monkeypatch.setattr(shared.roles, "scorer", _DieBeforeCall(shared.roles.scorer, "score"))
+    monkeypatch.setattr(shared.roles, "rollout", [_KillOnCall(shared.roles.rollout[0])])  # its one worker
+    with pytest.raises(RuntimeError, match="scorer call 0 failed 1 times"):
+        shared._score(shared.prompts.encode([_prompt("2+3=")])[0], ["5"])
+    with pytest.raises(RuntimeError, match="rollout call 0 failed 1 times"):
+        shared._generate(shared.eval_set[:4], n=1, temperature=0.0, seed=0, version=0)
     assert shared.faults.take() == {"scorer": 1, "rollout": 1}
 
 

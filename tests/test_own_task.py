@@ -95,13 +95,13 @@ def test_correct_at_alone_gives_eval_accuracy(own_run, tmp_path, own_model):
 
     problems = write_problems(tmp_path / "problems.jsonl", rows=PROBLEMS, seed=0, max_operand=OPERANDS)
 
-    def accuracy(scorer: str) -> dict:
+    def held_out(scorer: str) -> dict:
         cfg = load_config("configs/local_tiny.yaml", own_task_overrides(problems, tmp_path, "eval", own_model, scorer))
         return held_out_eval(own_model, cfg)
 
-    scores_only = accuracy(python_scorer("exact_score", "correct_at: 1"))
+    scores_only = held_out(python_scorer("exact_score", "correct_at: 1"))
     assert "accuracy_reason" not in scores_only
-    assert scores_only["accuracy"] == accuracy(python_scorer("exact"))["accuracy"]
+    assert scores_only["accuracy"] == held_out(python_scorer("exact"))["accuracy"]
     # The run's actors generate on one thread (Ray's OMP_NUM_THREADS for a fractional CPU), this process on every
     # core: on another CPU a greedy near-tie may break the other way (here they agree exactly).
     assert scores_only["accuracy"] == pytest.approx(own_run[0]["initial_eval"]["accuracy"], abs=0.02)
