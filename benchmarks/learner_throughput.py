@@ -53,7 +53,7 @@ def pair_tokens(n: int, seed: int = 0) -> list[tuple[list[int], list[int], list[
     import numpy as np
     from transformers import AutoTokenizer
 
-    from omni_ray.models.tiny import encode_prompt
+    from omni_ray.data import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(MODEL)
     rng = np.random.default_rng(seed)

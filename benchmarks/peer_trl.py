@@ -125,7 +125,7 @@ class Task:
 
 def evaluate(model_dir: str, task: Task) -> dict[str, Any]:
     """Greedy held-out accuracy and mean score, in-process with the HF backend: the same code for every model."""
-    from omni_ray.models.tiny import encode_prompt
+    from omni_ray.data import encode_prompt
     from omni_ray.rollout.worker import RolloutWorker
 
     t0 = time.perf_counter()

@@ -286,8 +286,8 @@ def heldout_pairs(cfg: Any, path: Path) -> Path:
         return path
     import numpy as np
 
+    from omni_ray.data import encode_prompt
     from omni_ray.data.arith import ArithTask
-    from omni_ray.models.tiny import encode_prompt
     from omni_ray.pairs import build_pairs, scored_samples
     from omni_ray.rollout.worker import RolloutWorker
     from omni_ray.scoring import ArithVerifier

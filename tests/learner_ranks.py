@@ -27,8 +27,8 @@ def round_data(model_dir: str, n: int = 8, round_index: int = 0) -> Any:
     targets), and every fourth pair uncompared (weak -1, margin floor 0)."""
     from transformers import AutoTokenizer
 
+    from omni_ray.data import encode_prompt
     from omni_ray.learner.worker import RoundData
-    from omni_ray.models.tiny import encode_prompt
     from omni_ray.pairs import Pair
     from omni_ray.pop import PopItems
 

@@ -12,10 +12,10 @@ import torch
 from scipy import stats
 
 from omni_ray.cli import main
+from omni_ray.data import encode_prompt
 from omni_ray.data.arith import ArithTask, is_correct
 from omni_ray.evaluate import implicit_margins, margin_metrics, resolve_target, task_accuracy
 from omni_ray.models.logprobs import sequence_logprobs
-from omni_ray.models.tiny import encode_prompt
 from omni_ray.pairs import Pair
 
 

@@ -256,7 +256,7 @@ def test_each_roles_retry_policy_comes_from_its_own_config_keys(tmp_path, tiny_m
 
 
 def test_a_worker_holding_another_policy_version_refuses_to_generate(tiny_model_dir):
-    from omni_ray.models.tiny import encode_prompt
+    from omni_ray.data import encode_prompt
     from omni_ray.rollout import RolloutWorker, StaleWeightsError
 
     worker = RolloutWorker(tiny_model_dir, backend="hf")

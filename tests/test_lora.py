@@ -62,8 +62,8 @@ def test_an_adapter_only_update_makes_the_engine_generate_what_base_plus_adapter
         require_vllm()
     import peft
 
+    from omni_ray.data import encode_prompt
     from omni_ray.models.adapters import adapter_tensor_names, rollout_settings
-    from omni_ray.models.tiny import encode_prompt
     from omni_ray.rollout import RolloutWorker
     from omni_ray.rollout.base import checkpoint_tensor_names
     from omni_ray.weight_sync import serialize_state_dict
@@ -96,8 +96,9 @@ def test_two_lora_rounds_leave_the_engine_generating_what_the_checkpoints_adapte
     import peft
     from transformers import AutoModelForCausalLM
 
+    from omni_ray.data import encode_prompt
     from omni_ray.driver import Driver
-    from omni_ray.models.tiny import build_tokenizer, encode_prompt
+    from omni_ray.models.tiny import build_tokenizer
 
     cfg = load_config("configs/local_tiny.yaml", [
         f"run.output_dir={tmp_path}", "run.name=lora", "run.rounds=2", f"model.path={tiny_model_dir}",

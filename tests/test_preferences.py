@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from omni_ray.data import encode_prompt
 from omni_ray.data.preferences import PreferenceDataError, PreferenceRecord, load_preference_pairs, to_train_pairs
-from omni_ray.models.tiny import build_tokenizer, encode_prompt
+from omni_ray.models.tiny import build_tokenizer
 
 
 def _chat(prompt: str, answer: str) -> list[dict[str, str]]:

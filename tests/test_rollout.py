@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from omni_ray.models.tiny import build_tokenizer, encode_prompt, make_tiny
+from omni_ray.data import encode_prompt
+from omni_ray.models.tiny import build_tokenizer, make_tiny
 from omni_ray.rollout import Completion, GenerationBackend, RolloutWorker, StaleWeightsError, make_backend
 from omni_ray.rollout import worker as rollout_worker
 from omni_ray.rollout.base import checkpoint_tensor_names, derive_seed, eos_token_ids_of, trim_completion

@@ -241,7 +241,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def prompts() -> list[list[int]]:
-    from omni_ray.models.tiny import build_tokenizer, encode_prompt
+    from omni_ray.data import encode_prompt
+    from omni_ray.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     return [encode_prompt(tok, p) for p in PROMPTS]
@@ -526,8 +527,9 @@ def test_driver_round_with_the_nccl_strategy_over_gloo_leaves_the_engine_on_the_
     trained round the engine generates exactly what the round's checkpoint generates."""
     require_vllm()
     from omni_ray.config import load_config
+    from omni_ray.data import encode_prompt
     from omni_ray.driver import Driver
-    from omni_ray.models.tiny import build_tokenizer, encode_prompt
+    from omni_ray.models.tiny import build_tokenizer
 
     cfg = load_config("configs/local_tiny.yaml", [
         f"run.output_dir={tmp_path}", "run.name=nccl_gloo", "run.rounds=1", f"model.path={tiny_model_dir}",

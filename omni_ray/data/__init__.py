@@ -1,7 +1,8 @@
 """Prompt sources: the built-in arith task (arith.py), prompt datasets (prompts.py), offline preferences.
 
-:class:`Prompt` lives here, not in a source module, because every source yields it and the rollout / scoring code
-consumes it: arith.py and prompts.py both import it from the package without importing each other.
+:class:`Prompt` and :func:`encode_prompt` live here, not in a source module, because every source yields prompts and
+every role reads their token ids: arith.py and prompts.py import them from the package without importing each other,
+and the driver encodes prompts without importing a model library's model classes.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Prompt"]
+__all__ = ["Prompt", "encode_prompt"]
 
 
 @dataclass(frozen=True)
@@ -28,3 +29,11 @@ class Prompt:
     reference: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
     token_ids: tuple[int, ...] = ()
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Prompt token ids as every role sees them: BOS + the text's tokens (no EOS). A text that already starts with the
+    BOS token (a chat template's output) keeps its own."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids

@@ -396,7 +396,7 @@ def to_train_pairs(
 ) -> tuple[list[Pair], dict[str, int]]:
     """Token-id pairs for the learner, as :class:`omni_ray.pairs.Pair` (scores are the records' raw scores).
 
-    Conventions (those of the online loop, ``omni_ray.models.tiny.encode_prompt`` and the rollout workers):
+    Conventions (those of the online loop, ``omni_ray.data.encode_prompt`` and the rollout workers):
     prompt = ``[bos_token_id] + encode(prompt, add_special_tokens=False)`` (no BOS when the tokenizer has none);
     response = ``encode(response, add_special_tokens=False) + [eos_token_id]``. Records that carry token ids (a run's
     ``pairs.jsonl``) are used as they are when ``use_record_token_ids``.

@@ -7,10 +7,9 @@ import dataclasses
 from typing import Any
 
 from omni_ray.config import OmniRayConfig
-from omni_ray.data import Prompt
+from omni_ray.data import Prompt, encode_prompt
 from omni_ray.data.arith import ArithTask
 from omni_ray.data.prompts import PromptDataset
-from omni_ray.models.tiny import encode_prompt
 
 
 class RoundPrompts:

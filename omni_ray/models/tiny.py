@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from omni_ray.data import Prompt
+from omni_ray.data import Prompt, encode_prompt
 from omni_ray.data.arith import ArithTask, is_correct
 from omni_ray.tracking import write_json
 
@@ -103,14 +103,6 @@ def build_model(
         torch_dtype="float32",
     )
     return LlamaForCausalLM(config)
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Prompt token ids as every role sees them: BOS + the text's tokens (no EOS). A text that already starts with the
-    BOS token (a chat template's output) keeps its own."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    bos = tokenizer.bos_token_id
-    return ids if bos is None or (ids and ids[0] == bos) else [bos] + ids
 
 
 def sft_warm_start(
