@@ -175,7 +175,7 @@ def test_scorer_killed_between_calls_is_restarted_and_the_batch_scored(ray_local
     shared.roles.scorer = proxy = _DieBeforeCall(real, "score")
     try:
         prompts = shared.prompts.encode([_prompt("2+3=")] * 2)[0]
-        result = shared._score(prompts, ["5", "7"])
+        result = shared.score(prompts, ["5", "7"])
     finally:
         shared.roles.scorer = real
     assert proxy.died and list(result.correct) == [True, False]
@@ -192,7 +192,7 @@ def test_pop_estimator_killed_between_calls_is_restarted_and_the_round_gets_its_
     shared.roles.pop = proxy = _DieBeforeCall(real, "training_items")
     try:
         pairs = [Pair(f"p{i}", "", [1], "", "", [2], [3], 10.0, 10.0 - i) for i in range(1, 5)]
-        items = shared._pop_items(RoundRecord(round=1), pairs, 0)
+        items = shared.pop_items(RoundRecord(round=1), pairs, 0)
     finally:
         shared.roles.pop = real
     assert proxy.died and len(items) == 4 and shared.faults.take() == {"pop": 1}
@@ -207,9 +207,9 @@ def test_a_stage_past_its_timeout_raises_naming_the_stage(shared, role, monkeypa
     monkeypatch.setitem(shared.policies, role, RetryPolicy(timeout_s=0.001, max_retries=0))
     with pytest.raises(TimeoutError, match=rf"^{role}: calls \[0\] did not finish within 0 s"):
         if role == "rollout":
-            shared._generate(prompts, n=8, temperature=1.0, seed=0, version=shared.policy_version)
+            shared.generate(prompts, n=8, temperature=1.0, seed=0, version=shared.policy_version)
         else:
-            shared._score(prompts, ["5"] * 64)
+            shared.score(prompts, ["5"] * 64)
 
 
 @pytest.mark.integration
@@ -236,9 +236,9 @@ def test_actor_failing_more_than_max_retries_stops_the_round_with_the_role_named
     monkeypatch.setattr(shared.roles, "scorer", _DieBeforeCall(shared.roles.scorer, "score"))
     monkeypatch.setattr(shared.roles, "rollout", [_KillOnCall(shared.roles.rollout[0])])  # its one worker
     with pytest.raises(RuntimeError, match="scorer call 0 failed 1 times"):
-        shared._score(shared.prompts.encode([_prompt("2+3=")])[0], ["5"])
+        shared.score(shared.prompts.encode([_prompt("2+3=")])[0], ["5"])
     with pytest.raises(RuntimeError, match="rollout call 0 failed 1 times"):
-        shared._generate(shared.eval_set[:4], n=1, temperature=0.0, seed=0, version=0)
+        shared.generate(shared.eval_set[:4], n=1, temperature=0.0, seed=0, version=0)
     assert shared.faults.take() == {"scorer": 1, "rollout": 1}
 
 

@@ -81,7 +81,7 @@ class Driver:
         return self.roles
 
     # ---------------------------------------------------------------------------------------------------------------
-    # calls to the roles
+    # calls to the roles, each with its role's timeout and retries (driver/calls.py)
 
     def _submit_generate(self, prompts: list[Prompt], *, n: int, temperature: float, seed: int, version: int):
         """Prompts split over the rollout workers; returns (call(j), submitted refs)."""
@@ -95,8 +95,8 @@ class Driver:
 
         return call, [call(j) for j in range(len(workers))]
 
-    def _generate(self, prompts: list[Prompt], *, n: int, temperature: float, seed: int, version: int,
-                  submitted: Any = None, retry: bool = True) -> list[list[Any]]:  # fmt: skip
+    def generate(self, prompts: list[Prompt], *, n: int, temperature: float, seed: int, version: int,
+                 submitted: Any = None, retry: bool = True) -> list[list[Any]]:  # fmt: skip
         """n completions per prompt (token ids kept). A shard whose worker died, or came back from a restart with the
         model dir's weights, is retried once the worker holds the current policy again, so every prompt is answered
         by the version the round expects, or the round fails loudly after `rollout.max_retries`."""
@@ -115,7 +115,7 @@ class Driver:
             self.roles.sync.worker_restarted(j)
             self.roles.sync.push(self.policy_version, [j])
 
-    def _score(self, prompts: list[Prompt], responses: list[str]) -> Any:
+    def score(self, prompts: list[Prompt], responses: list[str]) -> Any:
         """Scores (and `correct`, where the scorers say) of responses, with each prompt row's reference and columns."""
         scorer = self.roles.scorer
         inputs = self.prompts.scoring_inputs(prompts)
@@ -126,8 +126,8 @@ class Driver:
     def evaluate(self) -> dict:
         """Greedy responses to the fixed held-out prompts, scored by the run's scorers (evaluate.eval_metrics)."""
         t0 = time.perf_counter()
-        comps = self._generate(self.eval_set, n=1, temperature=0.0, seed=0, version=self.policy_version)
-        result = eval_metrics(self._score(self.eval_set, [c[0].text for c in comps]))
+        comps = self.generate(self.eval_set, n=1, temperature=0.0, seed=0, version=self.policy_version)
+        result = eval_metrics(self.score(self.eval_set, [c[0].text for c in comps]))
         return {**result, "time_eval": time.perf_counter() - t0}
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -148,15 +148,15 @@ class Driver:
         prompts, prompt_stats = submitted[0] if submitted else self.prompts.train(r)
         rec.sampling.update(prompt_stats)
         with rec.timed("generate"):
-            comps = self._generate(prompts, n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
-                                   seed=self._sample_seed(r), version=version,
-                                   submitted=submitted[1] if submitted else None, retry=retry)  # fmt: skip
+            comps = self.generate(prompts, n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
+                                  seed=self._sample_seed(r), version=version,
+                                  submitted=submitted[1] if submitted else None, retry=retry)  # fmt: skip
         tokens = sum(len(c.token_ids) for cs in comps for c in cs)
         rec.sampling.update(generated_tokens=tokens, generate_tokens_per_s=tokens / max(rec.stage_seconds["generate"],
                                                                                            1e-9))  # fmt: skip
         with rec.timed("score"):
             flat = [(p, list(p.token_ids), c) for p, cs in zip(prompts, comps) for c in cs]
-            res = self._score([p for p, _, _ in flat], [c.text for _, _, c in flat])
+            res = self.score([p for p, _, _ in flat], [c.text for _, _, c in flat])
         samples = scored_samples(flat, res.scores, res.correct, policy_version=version)
         pairs, stats = build_pairs(samples, strategy=cfg.pairs.strategy, min_gap=cfg.pairs.min_gap,
                                    rng=np.random.default_rng([cfg.run.seed, 17, r]),
@@ -217,7 +217,9 @@ class Driver:
                     self._restore_rollout(j)
         return self._sample(r, self.policy_version)
 
-    def _pop_items(self, rec: RoundRecord, pairs: list[Pair], r: int) -> PopItems:
+    def pop_items(self, rec: RoundRecord, pairs: list[Pair], r: int) -> PopItems:
+        """Round r's PoP training items for its pairs (every pair once without a PoP estimator); the estimator's counts
+        go on the round's record."""
         pop = self.roles.pop
         if pop is None or not pairs:
             return PopItems.every_pair(len(pairs))
@@ -263,7 +265,7 @@ class Driver:
         rec, pairs = sampled.record, sampled.pairs
         rec.policy_lag = self.policy_version - rec.policy_version_sampled
         self._start_prefetch(r + 1)
-        items = self._stage(rec, "pop", self._pop_items, rec, pairs, r)
+        items = self._stage(rec, "pop", self.pop_items, rec, pairs, r)
         if not len(items):
             print(f"[omni-ray] round {r + 1}: nothing to train on ({rec.drops() or 'no prompts'}); training skipped",
                   flush=True)  # fmt: skip
