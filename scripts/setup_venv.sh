@@ -21,12 +21,10 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   EXTRA=cpu
   $PIP install -q "torch==2.13.0"
-fi
-if [ "$EXTRA" = cpu ]; then
-  # DeepSpeed JIT-builds its CPU comm op at a learner's first start (61 s wall, 104 s CPU here). Built now, in the
-  # background, it overlaps the package's install below (mostly downloads) instead of a first run. It needs DeepSpeed
-  # (pyproject's requirement, and with it the venv's ninja, the one every later run finds first on PATH) and the
-  # JIT cache the Makefile points runs at; a failed build only leaves the op to the first run.
+  # DeepSpeed JIT-builds its CPU comm op at a learner's first start (61 s wall, 104 s CPU here), under that start's
+  # timeout. Built here instead, in the background while the package installs. It needs DeepSpeed (pyproject's
+  # requirement, and with it the venv's ninja, the one every later run finds first on PATH) and the JIT cache the
+  # Makefile points runs at; a failed build only leaves the op to the first run.
   DEEPSPEED=$("$VENV/bin/python" -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('deepspeed')))")
   $PIP install -q "$DEEPSPEED"
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV_DIR/torch_extensions}
