@@ -169,32 +169,23 @@ def test_rollout_worker_killed_during_the_async_prefetch_is_restored_and_the_rou
 
 
 @pytest.mark.integration
-def test_scorer_killed_between_calls_is_restarted_and_the_batch_scored(ray_local, shared):
+def test_scorer_killed_between_calls_is_restarted_and_the_batch_scored(ray_local, shared, monkeypatch):
     shared.faults.take()
-    real = shared.roles.scorer
-    shared.roles.scorer = proxy = _DieBeforeCall(real, "score")
-    try:
-        prompts = shared.prompts.encode([_prompt("2+3=")] * 2)[0]
-        result = shared.score(prompts, ["5", "7"])
-    finally:
-        shared.roles.scorer = real
+    monkeypatch.setattr(shared.roles, "scorer", proxy := _DieBeforeCall(shared.roles.scorer, "score"))
+    result = shared.score(shared.prompts.encode([_prompt("2+3=")] * 2)[0], ["5", "7"])
     assert proxy.died and list(result.correct) == [True, False]
     assert shared.faults.take() == {"scorer": 1}
 
 
 @pytest.mark.integration
-def test_pop_estimator_killed_between_calls_is_restarted_and_the_round_gets_its_items(ray_local, shared):
+def test_pop_estimator_killed_between_calls_is_restarted_and_the_round_gets_its_items(ray_local, shared, monkeypatch):
     from omni_ray.driver.record import RoundRecord
     from omni_ray.pairs import Pair
 
     shared.faults.take()
-    real = shared.roles.pop
-    shared.roles.pop = proxy = _DieBeforeCall(real, "training_items")
-    try:
-        pairs = [Pair(f"p{i}", "", [1], "", "", [2], [3], 10.0, 10.0 - i) for i in range(1, 5)]
-        items = shared.pop_items(RoundRecord(round=1), pairs, 0)
-    finally:
-        shared.roles.pop = real
+    monkeypatch.setattr(shared.roles, "pop", proxy := _DieBeforeCall(shared.roles.pop, "training_items"))
+    pairs = [Pair(f"p{i}", "", [1], "", "", [2], [3], 10.0, 10.0 - i) for i in range(1, 5)]
+    items = shared.pop_items(RoundRecord(round=1), pairs, 0)
     assert proxy.died and len(items) == 4 and shared.faults.take() == {"pop": 1}
 
 
