@@ -147,10 +147,21 @@ def initial(tiny_model_dir) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
 
 
-# Weights after one AdamW step agree to a small fraction of the learning rate (observed ~2% of lr on this CPU from
-# float rounding of the different batch layouts); a wrong per-pair weighting or a lost micro-batch moves some weights
-# by up to 2 lr (Adam's first step is lr * sign(g)). The step's loss and gradient norm agree to float rounding.
+# Weights after one AdamW step agree to a small fraction of the learning rate (~2% of lr here, float rounding of the
+# different batch layouts), but for a stray few whose gradient is of the order of Adam's eps (1e-8): their step
+# lr * g / (|g| + eps) moves with g's rounding (seen on one CPU: 2 of the 2.4M weights up to 0.3 lr apart; which ones
+# and how many depends on the CPU). A wrong per-pair weighting or a lost micro-batch moves many weights by up to 2 lr
+# (Adam's first step is lr * sign(g)): one pair of 8 left out puts 7% of them (171,307) more than 0.2 lr apart, and
+# the EMA's move in a second step 22% (4e-4 of a LoRA adapter's). The step's loss and gradient norm agree to float
+# rounding.
 WEIGHTS_ATOL = 0.2 * LR
+STRAY_SHARE = 1e-5  # 23 of the model's 2.4M weights, none of a rank-4 LoRA adapter's 65,536
+
+
+def _share_apart(a: dict, b: dict) -> float:
+    """The share of the weights of a and b that are more than WEIGHTS_ATOL apart."""
+    assert a.keys() == b.keys()
+    return sum(int(((a[k] - b[k]).abs() > WEIGHTS_ATOL).sum()) for k in a) / sum(a[k].numel() for k in a)
 
 
 @pytest.mark.integration
@@ -159,7 +170,7 @@ def test_a_step_is_the_same_for_one_global_batch_whatever_the_micro_batches_and_
     one, two, eight = (ranks[f"{name}-{layout}"] for layout in ("1x8", "2x4", "8x1"))
     assert _max_diff(one["state"], initial) > 0.5 * LR, "the step must move the weights for the test to mean anything"
     for other in (two, eight):
-        assert _max_diff(other["state"], one["state"]) < WEIGHTS_ATOL
+        assert _share_apart(other["state"], one["state"]) <= STRAY_SHARE
         (a,), (b,) = one["rounds"][0]["steps"], other["rounds"][0]["steps"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
@@ -171,7 +182,7 @@ def test_a_step_is_the_same_for_one_global_batch_whatever_the_micro_batches_and_
 def test_a_round_with_fewer_pairs_than_ranks_trains_like_one_rank(ranks, initial):
     one, two = ranks["omni_pop-1pair-1rank"], ranks["omni_pop-1pair-2ranks-zero3"]
     assert _max_diff(one["state"], initial) > 0.5 * LR
-    assert _max_diff(two["state"], one["state"]) < WEIGHTS_ATOL
+    assert _share_apart(two["state"], one["state"]) <= STRAY_SHARE
     (a,), (b,) = one["rounds"][0]["steps"], two["rounds"][0]["steps"]
     assert a["pairs"] == b["pairs"] == 1
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
@@ -183,8 +194,8 @@ def test_a_zero3_ema_target_moves_like_a_replicated_one(ranks):
     """Two steps at tau 0.5: the second step's PoP margins come from the EMA updated on each rank's partitions (an
     EMA left at the initial model would take the tau = 1 step)."""
     moved, frozen = ranks["omni_pop-ema0.5"]["state"], ranks["omni_pop-ema1"]["state"]
-    assert _max_diff(moved, frozen) > 2 * WEIGHTS_ATOL, "the EMA's move must change the second step"
-    assert _max_diff(ranks["omni_pop-ema0.5-zero3"]["state"], moved) < WEIGHTS_ATOL
+    assert _share_apart(moved, frozen) > STRAY_SHARE, "the EMA's move must change the second step"
+    assert _share_apart(ranks["omni_pop-ema0.5-zero3"]["state"], moved) <= STRAY_SHARE
 
 
 @pytest.mark.integration
@@ -193,7 +204,7 @@ def test_zero3_models_checkpointing_and_token_budgets_take_the_same_step(ranks, 
     """ZeRO-3 partitions the policy, the reference and the EMA target; checkpointing recomputes activations; a token
     budget cuts shares by length: none of it changes the step, or the reference log-probs."""
     base, other = ranks["omni_pop-2x4"], ranks[f"omni_pop-{variant}"]
-    assert _max_diff(other["state"], base["state"]) < WEIGHTS_ATOL
+    assert _share_apart(other["state"], base["state"]) <= STRAY_SHARE
     torch.testing.assert_close(other["reference"], base["reference"], rtol=0, atol=1e-5)
     assert other["rounds"][0]["steps"][0]["grad_norm"] == pytest.approx(base["rounds"][0]["steps"][0]["grad_norm"],
                                                                          rel=1e-4)  # fmt: skip
@@ -225,10 +236,10 @@ def test_ema_target_with_tau_zero_is_the_policy_and_with_tau_one_stays_the_refer
     """theta_ema <- tau theta_ema + (1 - tau) theta: at tau = 0 the EMA follows the policy, so its margins are the
     `fixed` target's; at tau = 1 it stays the initial model (= the reference), so every target margin is 0 and the PoP
     loss is plain DPO."""
-    assert _max_diff(ranks["omni_pop-ema0"]["state"], ranks["omni_pop-fixed"]["state"]) < WEIGHTS_ATOL
+    assert _share_apart(ranks["omni_pop-ema0"]["state"], ranks["omni_pop-fixed"]["state"]) <= STRAY_SHARE
     ema0, ema99 = ranks["omni_pop-ema0"]["state"], ranks["omni_pop-ema0.99"]["state"]
-    assert _max_diff(ema0, ema99) > 2 * WEIGHTS_ATOL, "ema 0.99 must differ"
-    assert _max_diff(ranks["pop-ema1"]["state"], ranks["dpo-2steps"]["state"]) < WEIGHTS_ATOL
+    assert _share_apart(ema0, ema99) > STRAY_SHARE, "ema 0.99 must differ"
+    assert _share_apart(ranks["pop-ema1"]["state"], ranks["dpo-2steps"]["state"]) <= STRAY_SHARE
 
 
 @pytest.mark.integration
@@ -298,11 +309,11 @@ def test_saved_learner_state_resumes_to_identical_training(ranks, lora_rank):
 def test_lora_steps_agree_across_micro_batches_ranks_and_zero3_and_its_ema_adapter_moves(ranks):
     base = ranks["lora-2x4"]
     for other in ("lora-8x1", "lora-zero3"):
-        assert _max_diff(ranks[other]["state"], base["state"]) < WEIGHTS_ATOL, other
-        assert _max_diff(ranks[other]["adapter"], base["adapter"]) < WEIGHTS_ATOL, other
+        assert _share_apart(ranks[other]["state"], base["state"]) <= STRAY_SHARE, other
+        assert _share_apart(ranks[other]["adapter"], base["adapter"]) <= STRAY_SHARE, other
     moved, frozen = ranks["lora-ema0.5"]["adapter"], ranks["lora-ema1"]["adapter"]
-    assert _max_diff(moved, frozen) > 2 * WEIGHTS_ATOL, "the EMA adapter's move must change the second step"
-    assert _max_diff(ranks["lora-ema0.5-zero3"]["adapter"], moved) < WEIGHTS_ATOL
+    assert _share_apart(moved, frozen) > STRAY_SHARE, "the EMA adapter's move must change the second step"
+    assert _share_apart(ranks["lora-ema0.5-zero3"]["adapter"], moved) <= STRAY_SHARE
 
 
 @pytest.mark.integration
