@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-task", action="store_true", help="skip the task accuracy")
     e.add_argument("--preferences", default=None, help="pairs: .jsonl / .parquet / dataset dir / HF dataset name")
     e.add_argument("--split", default="train", help="split of a dataset dir / HF dataset (default: train)")
+    e.add_argument("--subset", default="", help="subset (HF config name) of an HF dataset or repo clone")
     e.add_argument(
         "--reference",
         default=None,
@@ -131,6 +132,7 @@ def _eval(args: argparse.Namespace) -> int:
             backend=args.backend,
             logprobs=args.logprobs,
             split=args.split,
+            subset=args.subset,
             seed=args.seed,
             max_prompt_tokens=args.max_prompt_tokens,
             max_response_tokens=args.max_response_tokens,

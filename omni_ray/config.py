@@ -102,6 +102,7 @@ class DataConfig:
     eval_prompts: int = _f(500, gt=0, help="held-out prompts, fixed by the seed, disjoint from training prompts")
     path: str = _f("", help="prompts / preferences: HF dataset name, dataset dir, .jsonl or .parquet")
     split: str = _f("train")
+    subset: str = _f("", help="prompts / preferences: the dataset's subset (HF config name, e.g. gsm8k's main)")
     prompt_column: str = _f("prompt", help="prompts: the prompt column (a string or a chat message list)")
     answer_column: str = _f("", help="prompts: reference-answer column handed to the scorers (references=); optional")
     extra_columns: list[str] = _f([], help="prompts: more columns of each row handed to python / http scorers by name")

@@ -361,6 +361,7 @@ def preference_eval(
     reference_path: str | None = None,
     tokenizer_path: str | None = None,
     split: str = "train",
+    subset: str = "",
     max_prompt_tokens: int | None = None,
     max_response_tokens: int | None = None,
     logprobs: str = "sum",
@@ -380,7 +381,7 @@ def preference_eval(
     ctx = _max_model_len(policy_path)
     max_prompt_tokens = max_prompt_tokens or ctx // 2
     max_response_tokens = max_response_tokens or ctx - max_prompt_tokens
-    records, load_stats = load_preference_pairs(source, split=split, limit=limit)
+    records, load_stats = load_preference_pairs(source, split=split, subset=subset, limit=limit)
     pairs, tok_stats = to_train_pairs(
         records, tok, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens
     )
@@ -443,6 +444,7 @@ def evaluate(
     backend: str = "hf",
     logprobs: str = "sum",
     split: str = "train",
+    subset: str = "",
     seed: int | None = None,
     max_prompt_tokens: int | None = None,
     max_response_tokens: int | None = None,
@@ -467,6 +469,7 @@ def evaluate(
             reference_path=ref,
             tokenizer_path=_tokenizer_dir(t.policy_path, t.initial_model_path),
             split=split,
+            subset=subset,
             max_prompt_tokens=max_prompt_tokens,
             max_response_tokens=max_response_tokens,
             logprobs=logprobs,

@@ -41,6 +41,14 @@ def other_tiny_model_dir(tmp_path_factory) -> str:
                          sft_max_steps=60, sft_batch_size=32))  # fmt: skip
 
 
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch):
+    """datasets.load_dataset's arrow cache inside the test's tmp dir, not the user's ~/.cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+
 ACTOR_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE")
 # One learner rank where a test is not about the learner: a rank's start-up (its library imports) is most of a small
 # run's time. Tests about ranks keep two.

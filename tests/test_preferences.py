@@ -163,6 +163,24 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch):
         load_preference_pairs("no-such-org/no-such-prefs", split="train_prefs")
 
 
+def test_data_subset_reads_that_subset_of_a_repo_clone_and_names_it_offline(tmp_path, monkeypatch, datasets_cache):
+    import pandas as pd
+
+    repo = tmp_path / "prefs"
+    for subset, rows in (("clean", ROWS), ("noisy", ROWS[:1])):
+        (repo / subset).mkdir(parents=True)
+        pd.DataFrame(_uniform(rows, chat=False)).to_parquet(repo / subset / "train-00000-of-00001.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: clean\n  data_files: clean/*\n- config_name: noisy\n  data_files: noisy/*\n---\n"
+    )
+    records, stats = load_preference_pairs(repo, subset="clean")
+    assert _texts(records) == EXPECTED and stats["files"] == [str(repo)]
+    assert len(load_preference_pairs(repo, subset="noisy")[0]) == 1
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(PreferenceDataError, match=r"'no-such-org/no-such-prefs' \(subset 'main', split 'train'\)"):
+        load_preference_pairs("no-such-org/no-such-prefs", subset="main")
+
+
 def test_run_pairs_jsonl_keeps_its_token_ids(tmp_path):
     row = {**ROWS[1], "prompt_id": "r0:1", "prompt_token_ids": [1, 5, 4], "chosen_token_ids": [2],
            "rejected_token_ids": [9, 9], "chosen": ""}  # fmt: skip

@@ -148,6 +148,48 @@ def test_from_config_reads_the_data_section(math_jsonl):
     assert ds.stats["eval"] == 5 and ds.train_prompts(2, 3) == same.train_prompts(2, 3)
 
 
+def hub_clone(root: Path) -> Path:
+    """A local clone of an HF dataset repo laid out like gsm8k's: two subsets, each its own folder, declared in the
+    README.md's metadata."""
+    for subset, split, n in (("main", "train", 10), ("main", "test", 5), ("socratic", "train", 8)):
+        (root / subset).mkdir(parents=True, exist_ok=True)
+        rows = [{"question": f"{subset} {split} {i}", "answer": str(i)} for i in range(n)]
+        write_parquet(root / subset / f"{split}-00000-of-00001.parquet", rows)
+    (root / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "  - split: test\n    path: main/test-*\n"
+        "- config_name: socratic\n  data_files:\n  - split: train\n    path: socratic/train-*\n---\n# gsm8k-like\n"
+    )
+    return root
+
+
+def test_data_subset_reads_one_subset_of_a_hub_repo_clone(tmp_path, datasets_cache):
+    repo = hub_clone(tmp_path / "gsm")
+    cfg = DataConfig(source="prompts", path=str(repo), subset="main", split="train", eval_split="test",
+                     prompt_column="question", answer_column="answer", eval_prompts=5)  # fmt: skip
+    ds = PromptDataset.from_config(cfg, seed=0)
+    assert ds.stats["train"] == 10 and ds.stats["eval"] == 5
+    texts = {p.text for p in ds.train_prompts(0, 10) + ds.eval_prompts()}
+    assert texts == {f"main train {i}" for i in range(10)} | {f"main test {i}" for i in range(5)}
+
+
+def test_a_repo_clone_with_subsets_and_none_chosen_is_refused_naming_them(tmp_path, datasets_cache):
+    repo = hub_clone(tmp_path / "gsm")
+    with pytest.raises(DataSourceError, match=r"gsm.*Config name is missing.*'main', 'socratic'.*set data\.subset"):
+        dataset(repo, eval_prompts=2)
+    with pytest.raises(DataSourceError, match=r"subset 'nope'.*'main', 'socratic'"):
+        dataset(repo, subset="nope", eval_prompts=2)
+
+
+def test_a_subset_of_a_source_without_subsets_is_refused(tmp_path, math_jsonl):
+    with pytest.raises(DataSourceError, match=r"math\.jsonl: data\.subset='main', but this source has no subsets"):
+        dataset(math_jsonl, subset="main")
+    write_parquet(tmp_path / "train.parquet", math_rows(5))  # a dir of files, no README.md metadata
+    with pytest.raises(DataSourceError, match="data.subset='main', but this source has no subsets"):
+        dataset(tmp_path, subset="main", eval_prompts=1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # chat message lists and the chat template
 

@@ -6,11 +6,16 @@ Sources (``load_preference_pairs(source)``; prompt datasets, prompts.py, read th
 - a ``.jsonl`` file (one JSON object per line; blank lines are ignored);
 - a ``.parquet`` file;
 - a local dataset dir: a ``datasets.save_to_disk`` dir (``load_from_disk``; a ``DatasetDict`` is indexed by
-  ``split``), or a dir of ``.jsonl`` / ``.parquet`` files (searched recursively; when some files belong to ``split``
-  by HF's shard naming, ``<split>.jsonl``, ``<split>-00000-of-00001.parquet`` or a ``<split>/`` folder, only those
-  are read, else all of them);
-- anything else is taken as an HF Hub dataset name (``datasets.load_dataset(source, split=split)``); offline that
-  fails with a :class:`PreferenceDataError` saying so.
+  ``split``); a clone of an HF Hub dataset repo whose README.md declares its subsets (``configs:``, as gsm8k's
+  ``main`` / ``socratic``), read by ``datasets.load_dataset(dir, subset, split=split)`` so that one subset is read,
+  never a mix of them; or a dir of ``.jsonl`` / ``.parquet`` files (searched recursively; when some files belong to
+  ``split`` by HF's shard naming, ``<split>.jsonl``, ``<split>-00000-of-00001.parquet`` or a ``<split>/`` folder,
+  only those are read, else all of them);
+- anything else is taken as an HF Hub dataset name (``datasets.load_dataset(source, subset, split=split)``); offline
+  that fails with a :class:`PreferenceDataError` saying so.
+
+``subset`` (``data.subset``) is HF's config name; it is refused for a source that has no subsets (a file, a
+``save_to_disk`` dir, a dir of files without ``configs:``), so it never goes unread.
 
 Two row schemas, mixed freely: plain strings (``chosen: "..."``) and the UltraFeedback-binarized chat schema, where
 ``chosen`` / ``rejected`` are message lists ``[{"role": "user", ...}, {"role": "assistant", "content": ...}]``. The
@@ -107,6 +112,7 @@ def load_preference_pairs(
     source: str | Path,
     *,
     split: str = "train",
+    subset: str = "",
     prompt_field: str = "prompt",
     chosen_field: str = "chosen",
     rejected_field: str = "rejected",
@@ -146,7 +152,7 @@ def load_preference_pairs(
         "nonpositive_gap": 0,
     }
     records: list[PreferenceRecord] = []
-    for name, where, row in read_rows(source, split, list(fields.values()), stats):
+    for name, where, row in read_rows(source, split, list(fields.values()), stats, subset=subset):
         stats["rows"] += 1
         try:
             rec = _record(row, fields, default_id=f"{Path(name).name}:{where}")
@@ -185,14 +191,25 @@ def row_label(name: str) -> str:
     return "line" if name.endswith(".jsonl") else "row"
 
 
-def read_rows(source: str | Path, split: str, required: list[str], stats: dict) -> Iterator[tuple[str, int, Any]]:
-    """(file or dataset name, 1-based line/row number, row) for every row of the source (module docstring).
+def read_rows(
+    source: str | Path, split: str, required: list[str], stats: dict, *, subset: str = ""
+) -> Iterator[tuple[str, int, Any]]:
+    """(file or dataset name, 1-based line/row number, row) for every row of ``split`` (of ``subset``, HF's config
+    name, where the source has subsets) of the source (module docstring).
 
     A ``required`` column missing from the source raises :class:`DataSourceError` naming it and the columns there
     are; a row that does not parse as JSON is yielded as a :class:`BadRow`, for the caller's ``on_bad_row`` rule.
     ``stats["files"]`` (a list) gets every file or dataset read.
     """
     path = Path(source).expanduser()
+    if path.is_dir() and _declares_subsets(path):
+        yield from _dataset_rows(_load_dataset(str(path), split, subset), str(path), required, stats)
+        return
+    if subset and (path.is_file() or path.is_dir()):
+        raise DataSourceError(
+            f"{path}: data.subset={subset!r}, but this source has no subsets (a dir declares them in its README.md's "
+            "`configs:`, as an HF dataset repo does); leave data.subset empty, or point data.path at the subset's files"
+        )
     if path.is_file():
         yield from _file_rows(path, required, stats)
     elif path.is_dir():
@@ -209,7 +226,7 @@ def read_rows(source: str | Path, split: str, required: list[str], stats: dict) 
     elif isinstance(source, Path) or path.suffix in _DATA_SUFFIXES or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"data source {source}: no such file or directory")
     else:
-        yield from _dataset_rows(_load_hub(str(source), split), str(source), required, stats)
+        yield from _dataset_rows(_load_dataset(str(source), split, subset), str(source), required, stats)
 
 
 def _file_rows(path: Path, required: list[str], stats: dict) -> Iterator[tuple[str, int, Any]]:
@@ -296,16 +313,34 @@ def _load_from_disk(path: Path, split: str) -> Any:
     return ds
 
 
-def _load_hub(name: str, split: str) -> Any:
+def _declares_subsets(path: Path) -> bool:
+    """Whether a dir is an HF dataset repo whose README.md metadata lists its subsets (``configs:``)."""
+    from huggingface_hub import metadata_load
+
+    readme = path / "README.md"
+    return readme.is_file() and bool((metadata_load(readme) or {}).get("configs"))
+
+
+def _load_dataset(name: str, split: str, subset: str) -> Any:
+    """``datasets.load_dataset`` of a Hub name or a local repo clone; its own errors (a subset to pick, an unknown
+    split) are kept in the message."""
     import datasets
 
+    which = f"subset {subset!r}, split {split!r}" if subset else f"split {split!r}"
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, subset or None, split=split)
     except Exception as exc:  # offline: ConnectionError / OSError / DatasetNotFoundError, depending on the version
+        if "Config name is missing" in str(exc):
+            hint = "; set data.subset to one of them"
+        elif Path(name).is_dir():
+            hint = ""
+        else:
+            hint = (
+                "; no such local file or dir either: offline (HF_HUB_OFFLINE=1), pass a .jsonl / .parquet file or a "
+                "local dataset dir instead"
+            )
         raise DataSourceError(
-            f"could not load HF dataset {name!r} (split {split!r}): {type(exc).__name__}: {exc}. "
-            "No such local file or dir either; offline (HF_HUB_OFFLINE=1), pass a .jsonl / .parquet file or a "
-            "local dataset dir instead"
+            f"could not load HF dataset {name!r} ({which}): {type(exc).__name__}: {' '.join(str(exc).split())}{hint}"
         ) from None
 
 

@@ -73,6 +73,7 @@ class PromptDataset:
         path: str | Path,
         *,
         split: str = "train",
+        subset: str = "",
         prompt_column: str = "prompt",
         answer_column: str = "",
         extra_columns: Sequence[str] = (),
@@ -91,7 +92,7 @@ class PromptDataset:
         self.seed = int(seed)
         self.chat_template = chat_template
         self._prompt_column, self._answer_column, self._on_bad_row = prompt_column, answer_column, on_bad_row
-        self._extra_columns = list(extra_columns)
+        self._extra_columns, self._subset = list(extra_columns), subset
         self.stats: dict[str, Any] = {"source": str(path), "files": [], "rows": 0, "bad_rows": 0}
         rows = self._load(path, split)
         if eval_split:
@@ -125,11 +126,12 @@ class PromptDataset:
 
     @classmethod
     def from_config(cls, data: DataConfig, *, seed: int, chat_template: ChatTemplate | None = None) -> PromptDataset:
-        """From ``cfg.data`` (``path``, ``split``, ``prompt_column``, ``answer_column``, ``extra_columns``,
+        """From ``cfg.data`` (``path``, ``split``, ``subset``, ``prompt_column``, ``answer_column``, ``extra_columns``,
         ``eval_split``, ``eval_prompts``, ``on_bad_row``) and ``cfg.run.seed``."""
         return cls(
             data.path,
             split=data.split,
+            subset=data.subset,
             prompt_column=data.prompt_column,
             answer_column=data.answer_column,
             extra_columns=list(data.extra_columns),
@@ -184,7 +186,7 @@ class PromptDataset:
         required = [self._prompt_column] + ([self._answer_column] if self._answer_column else [])
         required += [c for c in self._extra_columns if c not in required]
         out: list[_Row] = []
-        for index, (name, where, row) in enumerate(read_rows(path, split, required, self.stats)):
+        for index, (name, where, row) in enumerate(read_rows(path, split, required, self.stats, subset=self._subset)):
             self.stats["rows"] += 1
             try:
                 raw, reference, columns = self._parse(row)

@@ -184,7 +184,7 @@ class Driver:
         from omni_ray.data.preferences import load_preference_pairs, to_train_pairs
 
         d = self.cfg.data
-        records, load_stats = load_preference_pairs(d.path, split=d.split, on_bad_row=d.on_bad_row)
+        records, load_stats = load_preference_pairs(d.path, split=d.split, subset=d.subset, on_bad_row=d.on_bad_row)
         pairs, tok_stats = to_train_pairs(records, self.tokenizer, max_prompt_tokens=d.max_prompt_tokens,
                                           max_response_tokens=d.max_response_tokens,
                                           on_overlong=d.on_overlong)  # fmt: skip
