@@ -182,6 +182,13 @@ def test_a_repo_clone_with_subsets_and_none_chosen_is_refused_naming_them(tmp_pa
         dataset(repo, subset="nope", eval_prompts=2)
 
 
+def test_a_repo_clone_whose_readme_metadata_is_not_yaml_is_refused_naming_the_readme(tmp_path):
+    repo = hub_clone(tmp_path / "gsm")
+    (repo / "README.md").write_text("---\nconfigs: [main\n---\n")
+    with pytest.raises(DataSourceError, match=r"gsm/README\.md: its metadata .* is not YAML"):
+        dataset(repo, subset="main")
+
+
 def test_a_subset_of_a_source_without_subsets_is_refused(tmp_path, math_jsonl):
     with pytest.raises(DataSourceError, match=r"math\.jsonl: data\.subset='main', but this source has no subsets"):
         dataset(math_jsonl, subset="main")

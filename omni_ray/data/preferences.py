@@ -315,10 +315,17 @@ def _load_from_disk(path: Path, split: str) -> Any:
 
 def _declares_subsets(path: Path) -> bool:
     """Whether a dir is an HF dataset repo whose README.md metadata lists its subsets (``configs:``)."""
+    import yaml
     from huggingface_hub import metadata_load
 
     readme = path / "README.md"
-    return readme.is_file() and bool((metadata_load(readme) or {}).get("configs"))
+    if not readme.is_file():
+        return False
+    try:
+        metadata = metadata_load(readme) or {}
+    except yaml.YAMLError as exc:
+        raise DataSourceError(f"{readme}: its metadata (the --- block at the top) is not YAML: {exc}") from None
+    return bool(metadata.get("configs"))
 
 
 def _load_dataset(name: str, split: str, subset: str) -> Any:
