@@ -205,7 +205,7 @@ def read_rows(
     if path.is_dir() and _declares_subsets(path):
         yield from _dataset_rows(_load_dataset(str(path), split, subset), str(path), required, stats)
         return
-    if subset and (path.is_file() or path.is_dir()):
+    if subset and path.exists():
         raise DataSourceError(
             f"{path}: data.subset={subset!r}, but this source has no subsets (a dir declares them in its README.md's "
             "`configs:`, as an HF dataset repo does); leave data.subset empty, or point data.path at the subset's files"

@@ -92,7 +92,8 @@ class PromptDataset:
         self.seed = int(seed)
         self.chat_template = chat_template
         self._prompt_column, self._answer_column, self._on_bad_row = prompt_column, answer_column, on_bad_row
-        self._extra_columns, self._subset = list(extra_columns), subset
+        self._extra_columns = list(extra_columns)
+        self._subset = subset
         self.stats: dict[str, Any] = {"source": str(path), "files": [], "rows": 0, "bad_rows": 0}
         rows = self._load(path, split)
         if eval_split:
