@@ -136,10 +136,8 @@ def test_model_dir_without_tokenizer_is_a_clear_error(tmp_path):
         ensure_model(cfg)
 
 
-@pytest.mark.integration
-def test_offline_preference_file_trains_through_the_same_learner_group(ray_local, tmp_path, tiny_model_dir):
-    from omni_ray.driver import train
-
+def _offline_prefs(tmp_path):
+    """40 scored pairs and one with an empty chosen response (dropped and counted)."""
     rows = [
         {"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 3), "score_chosen": 10.0,
          "score_rejected": 10.0 * 2.718 ** -0.3}
@@ -148,6 +146,14 @@ def test_offline_preference_file_trains_through_the_same_learner_group(ray_local
     rows.append({"prompt": "1+1=", "chosen": "", "rejected": "3", "score_chosen": 9.0, "score_rejected": 1.0})
     data = tmp_path / "prefs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return data
+
+
+@pytest.mark.integration
+def test_offline_preference_file_trains_through_the_same_learner_group(ray_local, tmp_path, tiny_model_dir):
+    from omni_ray.driver import train
+
+    data = _offline_prefs(tmp_path)
     cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.rounds=1", "run.name=offline", ONE_RANK,
                      "data.source=preferences", f"data.path={data}", "loss.name=omni_dpo")  # fmt: skip
     summary = train(cfg)
@@ -157,6 +163,26 @@ def test_offline_preference_file_trains_through_the_same_learner_group(ray_local
     pairs = _read_jsonl(tmp_path / "offline" / "rounds" / "round_0001" / "pairs.jsonl")
     assert {p["chosen"] for p in pairs} == {str(2 * a) for a in range(40)}
     assert (tmp_path / "offline" / "checkpoints" / "round_0001" / "model.safetensors").is_file()
+
+
+def test_offline_preference_set_is_read_and_tokenized_once_for_every_round(tmp_path, tiny_model_dir, monkeypatch):
+    import omni_ray.data.preferences as preferences
+    from omni_ray.driver.loop import Driver
+    from omni_ray.driver.record import RoundRecord
+
+    reads = []
+    read = preferences.load_preference_pairs
+    monkeypatch.setattr(preferences, "load_preference_pairs", lambda *a, **kw: reads.append(a) or read(*a, **kw))
+    cfg = _small_run(tmp_path, tiny_model_dir, "hf", "run.name=offline_once", "data.source=preferences",
+                     f"data.path={_offline_prefs(tmp_path)}")  # fmt: skip
+    driver = Driver(cfg)  # no roles started: the offline set is the driver's own
+    try:
+        records = [RoundRecord(round=r) for r in (1, 2)]
+        sampled = [driver._offline_pairs(rec) for rec in records]
+    finally:
+        driver.close()
+    assert len(reads) == 1 and sampled[0] is sampled[1] and len(sampled[0]) == 40
+    assert all(rec.sampling["pairs_kept"] == 40 and rec.data_counts["empty_response"] == 1 for rec in records)
 
 
 @pytest.mark.integration

@@ -13,6 +13,7 @@ Outputs go to `runs/<run_name>/` (config.yaml, metrics.jsonl, summary.json, chec
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -180,7 +181,16 @@ class Driver:
         return self.cfg.run.seed * 1_000_003 + r * 1009
 
     def _offline_pairs(self, rec: RoundRecord) -> list[Pair]:
-        """The dataset reader that replaces sampling in offline mode (a fixed scored preference set)."""
+        """The dataset reader that replaces sampling in offline mode; every round's record gets the set's counts."""
+        pairs, sampling, data_counts = self._offline_set
+        rec.sampling.update(sampling)
+        rec.data_counts = dict(data_counts)
+        return pairs
+
+    @functools.cached_property
+    def _offline_set(self) -> tuple[list[Pair], dict[str, Any], dict[str, int]]:
+        """The fixed scored preference set, read and tokenized once per process (every round trains on all of it):
+        its pairs, the round record's sampling counts and the reader's counts."""
         from omni_ray.data.preferences import load_preference_pairs, to_train_pairs
 
         d = self.cfg.data
@@ -188,10 +198,9 @@ class Driver:
         pairs, tok_stats = to_train_pairs(records, self.tokenizer, max_prompt_tokens=d.max_prompt_tokens,
                                           max_response_tokens=d.max_response_tokens,
                                           on_overlong=d.on_overlong)  # fmt: skip
-        rec.sampling.update(pairs_kept=len(pairs), pairs_dropped=load_stats["rows"] - len(pairs),
-                            reward_mean=float(np.mean([p.score_chosen for p in pairs])) if pairs else None)  # fmt: skip
-        rec.data_counts = {k: v for k, v in {**load_stats, **tok_stats}.items() if isinstance(v, int)}
-        return pairs
+        sampling = {"pairs_kept": len(pairs), "pairs_dropped": load_stats["rows"] - len(pairs),
+                    "reward_mean": float(np.mean([p.score_chosen for p in pairs])) if pairs else None}  # fmt: skip
+        return pairs, sampling, {k: v for k, v in {**load_stats, **tok_stats}.items() if isinstance(v, int)}
 
     def _start_prefetch(self, r: int) -> None:
         """Async mode: submit round r's generate calls now (before this round's weight push), finish it in a thread."""
